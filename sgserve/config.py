@@ -1,0 +1,93 @@
+"""Typed configuration: every server setting is declared once here; the CLI maps onto it 1:1."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+from sgserve.protocol import default_endpoint
+
+# Worker exit codes (gunicorn's idea): the supervisor restarts a worker that died, but not one that
+# says it can never boot, which would only loop.
+EXIT_OK = 0
+EXIT_BOOT_ERROR = 3  # bad arguments, cannot pin, cannot reach the broker
+EXIT_MODEL_ERROR = 4  # cannot map the segment or build the model function
+
+
+@dataclasses.dataclass
+class ServerConfig:
+    model_base_path: str | None = None  # TF Serving layout: BASE/<int version>/saved_model.pb
+    model_name: str | None = None  # default: basename of model_base_path, or "demo"
+    workers: int = 2
+    cpus_per_worker: int = 1
+    policy: str = "rr"  # rr | mod | least-loaded | package.module:callable
+    endpoint: str = dataclasses.field(default_factory=default_endpoint)
+    intra_op_threads: int | None = None  # default: cpus_per_worker
+    inter_op_threads: int | None = None  # default: 1 when cpus_per_worker <= 2 else 2
+    allow_oversubscribe: bool = False
+    max_request_bytes: int = 64 * 1024 * 1024
+    max_enqueued: int = 1024  # requests waiting in the broker for a free worker
+    worker_pipeline: int = 2  # requests a worker may hold at once (1 running + queued)
+    heartbeat_interval: float = 1.0  # seconds between heartbeats, both ways
+    heartbeat_liveness: int = 3  # missed heartbeats before an idle worker counts as dead
+    worker_timeout: float = 30.0  # a request held longer than this marks its worker hung
+    boot_timeout: float = 120.0  # a worker that is not READY by then failed to boot
+    drain_timeout: float = 10.0  # on stop: how long in-flight requests may take
+    cache_dir: str = dataclasses.field(
+        default_factory=lambda: os.environ.get(
+            "SGSERVE_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "sgserve")))
+
+    def resolved_model_name(self) -> str:
+        if self.model_name:
+            return self.model_name
+        if self.model_base_path:
+            return os.path.basename(os.path.normpath(self.model_base_path)) or "model"
+        return "demo"
+
+    def intra_threads(self) -> int:
+        return self.intra_op_threads or self.cpus_per_worker
+
+    def inter_threads(self) -> int:
+        return self.inter_op_threads or (1 if self.cpus_per_worker <= 2 else 2)
+
+
+@dataclasses.dataclass
+class ModelSpec:
+    """One loaded model version as the broker and the workers see it (no TensorFlow needed)."""
+
+    name: str
+    version: int
+    base_path: str
+    segment: str  # POSIX shm name, e.g. /sgserve_1234_ab12_demo_1
+    segment_bytes: int  # bytes of variable data in the segment
+    signatures: dict[str, Any]  # sig -> {"inputs": {n: {dtype, shape}}, "outputs": {...}, "method": str}
+    load_seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelSpec":
+        return cls(**d)
+
+
+@dataclasses.dataclass
+class WorkerSpec:
+    """Everything a worker process needs, passed as JSON on its command line."""
+
+    index: int
+    cores: list[int]
+    backend: str  # broker's backend endpoint (the worker connects a DEALER to it)
+    models: list[dict[str, Any]]  # ModelSpec dicts
+    intra_op_threads: int
+    inter_op_threads: int
+    heartbeat_interval: float = 1.0
+    server_id: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, s: str) -> "WorkerSpec":
+        return cls(**json.loads(s))

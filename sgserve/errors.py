@@ -1,0 +1,82 @@
+"""One error type with a status code, mapped once to the wire and once to client exceptions.
+
+Codes follow TF Serving's HTTP mapping of gRPC status codes, so that people who know TF Serving
+read them the same way.
+"""
+from __future__ import annotations
+
+OK = 200
+INVALID_ARGUMENT = 400
+NOT_FOUND = 404
+RESOURCE_EXHAUSTED = 429
+INTERNAL = 500
+UNAVAILABLE = 503
+DEADLINE_EXCEEDED = 504
+
+CODE_NAMES: dict[int, str] = {
+    OK: "OK",
+    INVALID_ARGUMENT: "INVALID_ARGUMENT",
+    NOT_FOUND: "NOT_FOUND",
+    RESOURCE_EXHAUSTED: "RESOURCE_EXHAUSTED",
+    INTERNAL: "INTERNAL",
+    UNAVAILABLE: "UNAVAILABLE",
+    DEADLINE_EXCEEDED: "DEADLINE_EXCEEDED",
+}
+
+
+class ServeError(Exception):
+    """An error that crosses process boundaries as ``code + message``."""
+
+    code: int = INTERNAL
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+        self.message = message
+
+    @property
+    def retryable(self) -> bool:
+        """True for "overloaded or briefly unavailable, retry later"; False for real errors."""
+        return self.code in (RESOURCE_EXHAUSTED, UNAVAILABLE)
+
+    def __str__(self) -> str:
+        return f"{self.code} {CODE_NAMES.get(self.code, '?')}: {self.message}"
+
+
+class InvalidArgument(ServeError):
+    code = INVALID_ARGUMENT
+
+
+class NotFound(ServeError):
+    code = NOT_FOUND
+
+
+class ResourceExhausted(ServeError):
+    code = RESOURCE_EXHAUSTED
+
+
+class Internal(ServeError):
+    code = INTERNAL
+
+
+class Unavailable(ServeError):
+    code = UNAVAILABLE
+
+
+class DeadlineExceeded(ServeError):
+    code = DEADLINE_EXCEEDED
+
+
+_BY_CODE: dict[int, type[ServeError]] = {
+    cls.code: cls
+    for cls in (InvalidArgument, NotFound, ResourceExhausted, Internal, Unavailable, DeadlineExceeded)
+}
+
+
+def error_from_code(code: int, message: str) -> ServeError:
+    """The typed exception for a status code received on the wire."""
+    cls = _BY_CODE.get(code)
+    if cls is None:
+        return ServeError(message, code)
+    return cls(message)

@@ -1,0 +1,223 @@
+"""The loader: reads one model version's variables once and writes them into one shared segment.
+
+Runs as its own short-lived process (``python -m sgserve.loader``) so that the broker never imports
+TensorFlow and a loader crash cannot take the server down. It prints progress on stderr and, on
+success, the ModelSpec as one JSON line on stdout. Exit code 2 means "this model cannot be served"
+(missing or corrupt directory); the message on stderr says why. Any partly written segment is
+unlinked before it exits.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any, Callable
+
+import msgpack
+
+from sgserve import shared_segment
+from sgserve.config import ModelSpec
+from sgserve.errors import NotFound
+
+log = logging.getLogger(__name__)
+
+EXIT_MODEL_ERROR = 2
+
+
+class ModelNotFound(NotFound):
+    pass
+
+
+def find_versions(base_path: str) -> list[int]:
+    """Integer-named version directories under a TF Serving model base path, ascending."""
+    if not os.path.isdir(base_path):
+        raise ModelNotFound(f"model base path {base_path} does not exist or is not a directory")
+    versions = []
+    for entry in os.listdir(base_path):
+        if entry.isdigit() and os.path.isdir(os.path.join(base_path, entry)):
+            versions.append(int(entry))
+    return sorted(versions)
+
+
+def latest_version(base_path: str) -> int:
+    versions = find_versions(base_path)
+    if not versions:
+        raise ModelNotFound(
+            f"model base path {base_path} has no version directories (expected {base_path}/<integer version>/saved_model.pb)")
+    return versions[-1]
+
+
+class Progress:
+    """Progress of a long load on stderr: a live line on a terminal, a line every few seconds otherwise."""
+
+    def __init__(self, label: str, total: int, stream=None) -> None:
+        self.label = label
+        self.total = max(total, 1)
+        self.done = 0
+        self.stream = stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.started = time.monotonic()
+        self.last = 0.0
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self.started < 0.5:  # small models load silently
+            return
+        if now - self.last >= (0.2 if self.tty else 2.0):
+            self.last = now
+            self._print(final=False)
+
+    def _print(self, final: bool) -> None:
+        mib = 1024 * 1024
+        pct = 100.0 * self.done / self.total
+        line = (f"[sgserve] loading {self.label}: {self.done / mib:.1f}/{self.total / mib:.1f} MiB "
+                f"({pct:.0f}%), {time.monotonic() - self.started:.1f} s")
+        if self.tty:
+            self.stream.write("\r" + line + ("\n" if final else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def finish(self) -> None:
+        self.done = self.total
+        if self.last or self.total >= 64 * 1024 * 1024:
+            self._print(final=True)
+
+
+def load_version(name: str, base_path: str, version: int, sid: str,
+                 progress: Callable[[str, int], Progress] | None = None) -> ModelSpec:
+    """Reads ``base_path/version`` into a new shared segment; returns its ModelSpec."""
+    import tensorflow as tf  # noqa: PLC0415
+
+    from sgserve import model_graph  # noqa: PLC0415
+
+    started = time.monotonic()
+    version_dir = os.path.join(base_path, str(version))
+    ckpt_prefix = os.path.join(version_dir, "variables", "variables")
+    try:
+        reader = tf.train.load_checkpoint(ckpt_prefix)
+        shapes = reader.get_variable_to_shape_map()
+        dtypes = reader.get_variable_to_dtype_map()
+    except Exception as exc:  # noqa: BLE001 - NotFoundError, DataLossError, ...
+        if not os.path.exists(ckpt_prefix + ".index"):
+            # A model with no variables at all is legal (tf.Module with constants only).
+            if os.path.isfile(os.path.join(version_dir, "saved_model.pb")) and not os.path.isdir(
+                    os.path.join(version_dir, "variables")):
+                reader, shapes, dtypes = None, {}, {}
+            else:
+                raise model_graph.ModelFormatError(
+                    f"{version_dir}: no checkpoint at variables/variables.index ({type(exc).__name__})") from None
+        else:
+            raise model_graph.ModelFormatError(
+                f"{version_dir}: corrupt checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:300]})") from None
+
+    sg = model_graph.build_serving_graph(
+        version_dir, table_prefix=f"sgserve/{name}/{version}",
+        variable_shapes={k: list(v) for k, v in shapes.items()},
+        variable_dtypes={k: v for k, v in dtypes.items()})
+
+    # Lay out every distinct checkpoint key once.
+    tensors: list[dict[str, Any]] = []
+    offsets: dict[str, dict[str, Any]] = {}
+    offset = 0
+    strings: dict[str, bytes] = {}
+    for var in sg.variables:
+        if var.key in offsets:
+            tensors.append(dict(offsets[var.key], node=var.node))
+            continue
+        if var.key not in shapes:
+            raise model_graph.ModelFormatError(
+                f"{version_dir}: variable '{var.node}' (checkpoint key '{var.key}') is not in the checkpoint")
+        dt = tf.as_dtype(dtypes[var.key])
+        if dt == tf.string:
+            data = msgpack.packb([bytes(x) for x in reader.get_tensor(var.key).reshape(-1).tolist()], use_bin_type=True)
+            strings[var.key] = data
+            nbytes = len(data)
+            dtype = "string"
+        else:
+            import numpy as np  # noqa: PLC0415
+
+            dtype = np.dtype(dt.as_numpy_dtype).name
+            count = 1
+            for d in shapes[var.key]:
+                count *= int(d)
+            nbytes = count * np.dtype(dtype).itemsize
+        entry = {"node": var.node, "key": var.key, "dtype": dtype, "shape": [int(d) for d in shapes[var.key]],
+                 "offset": offset, "nbytes": nbytes}
+        offsets[var.key] = entry
+        tensors.append(entry)
+        offset = shared_segment.align(offset + nbytes)
+    data_bytes = offset
+
+    signatures_full = {
+        k: {"method": s.method,
+            "inputs": {n: {"tensor": t.tensor, "dtype": t.dtype, "shape": t.shape} for n, t in s.inputs.items()},
+            "outputs": {n: {"tensor": t.tensor, "dtype": t.dtype, "shape": t.shape} for n, t in s.outputs.items()}}
+        for k, s in sg.signatures.items()
+    }
+    manifest = {"format": 1, "model": name, "version": version, "base_path": base_path, "tensors": tensors,
+                "graph": sg.graph_def, "signatures": signatures_full, "init_nodes": sg.init_nodes,
+                "assets": sg.assets}
+    seg_name = shared_segment.segment_name(sid, name, version)
+    writer = shared_segment.SegmentWriter(seg_name, data_bytes, manifest)
+    try:
+        prog = (progress or Progress)(f"{name} version {version}", data_bytes)
+        for entry in offsets.values():
+            if entry["dtype"] == "string":
+                writer.write_bytes(entry["offset"], strings[entry["key"]])
+            elif entry["nbytes"]:
+                arr = reader.get_tensor(entry["key"])
+                writer.write(entry["offset"], arr)
+                del arr
+            prog.advance(entry["nbytes"])
+        prog.finish()
+        writer.finish()
+    except BaseException:
+        writer.close()
+        shared_segment.unlink(seg_name)
+        raise
+    public = {k: s.public() for k, s in sg.signatures.items()}
+    return ModelSpec(name=name, version=version, base_path=base_path, segment=seg_name, segment_bytes=data_bytes,
+                     signatures=public, load_seconds=round(time.monotonic() - started, 3))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m sgserve.loader", description=__doc__)
+    p.add_argument("--name", required=True)
+    p.add_argument("--base-path", help="TF Serving model base path; omit with --demo")
+    p.add_argument("--version", type=int, default=None, help="default: the highest version")
+    p.add_argument("--server-id", required=True)
+    p.add_argument("--demo-cache-dir", help="build (once) and load the built-in demo model from here")
+    args = p.parse_args(argv)
+    from sgserve.worker.pinning import die_with_parent  # noqa: PLC0415
+
+    die_with_parent()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        base = args.base_path
+        if args.demo_cache_dir:
+            from sgserve import demo  # noqa: PLC0415
+
+            base = demo.ensure_demo_model(args.demo_cache_dir)
+        version = args.version if args.version is not None else latest_version(base)
+        if not os.path.isdir(os.path.join(base, str(version))):
+            raise ModelNotFound(f"version {version} of model '{args.name}' not found under {base}")
+        spec = load_version(args.name, base, version, args.server_id)
+    except NotFound as exc:
+        print(f"sgserve: cannot load model '{args.name}': {exc.message}", file=sys.stderr)
+        return EXIT_MODEL_ERROR
+    except Exception as exc:  # noqa: BLE001
+        msg = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
+        print(f"sgserve: cannot load model '{args.name}': {msg}", file=sys.stderr)
+        return EXIT_MODEL_ERROR
+    sys.stdout.write(json.dumps(spec.to_dict()) + "\n")
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""The sgserve wire protocol: ZeroMQ multipart, a versioned msgpack header, raw tensor frames.
+
+Every message, in either direction, is::
+
+    frame 0   MAGIC (b"SGS1": protocol name and version)
+    frame 1   header: a msgpack map
+    frame 2.. payload frames, one per tensor, in the order the header lists them
+
+Numeric tensors travel as their raw little-endian, C-order bytes. String tensors travel as one
+msgpack array of binary values (the tensor flattened in C order). No pickle anywhere.
+docs/protocol.md is the normative description; this module is its one implementation, shared by
+the client, the broker and the workers.
+
+The broker <-> worker hop adds a one-byte command frame after MAGIC (see the W_* constants).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Sequence
+
+import msgpack
+import numpy as np
+
+from sgserve.errors import INVALID_ARGUMENT, OK, InvalidArgument
+
+MAGIC = b"SGS1"
+PROTOCOL_VERSION = 1
+
+# Request types (header["type"]).
+PREDICT = "predict"
+METADATA = "metadata"
+STATUS = "status"
+SHUTDOWN = "shutdown"
+PING = "ping"
+REQUEST_TYPES = (PREDICT, METADATA, STATUS, SHUTDOWN, PING)
+
+# Broker <-> worker commands: one byte each, frame 1 of every backend message.
+W_READY = b"\x01"  # worker -> broker: booted, model mapped and warmed; header has index/pid/cores
+W_REQUEST = b"\x02"  # broker -> worker: [cmd, request id (8 bytes), header, payload...]
+W_REPLY = b"\x03"  # worker -> broker: [cmd, request id, header, payload...]
+W_HEARTBEAT = b"\x04"  # both ways: [cmd]
+W_STOP = b"\x05"  # broker -> worker: finish the current request, then exit 0
+
+DEFAULT_SIGNATURE = "serving_default"
+
+# dtype names on the wire -> numpy dtypes (little-endian).
+DTYPES: dict[str, np.dtype] = {
+    "float16": np.dtype("<f2"),
+    "float32": np.dtype("<f4"),
+    "float64": np.dtype("<f8"),
+    "int8": np.dtype("i1"),
+    "int16": np.dtype("<i2"),
+    "int32": np.dtype("<i4"),
+    "int64": np.dtype("<i8"),
+    "uint8": np.dtype("u1"),
+    "uint16": np.dtype("<u2"),
+    "uint32": np.dtype("<u4"),
+    "uint64": np.dtype("<u8"),
+    "bool": np.dtype("?"),
+}
+STRING = "string"
+ALL_DTYPES = tuple(DTYPES) + (STRING,)
+
+
+def dtype_name(arr: np.ndarray) -> str:
+    """The wire name of an array's dtype; object/bytes/str arrays are strings."""
+    if arr.dtype.kind in ("O", "S", "U"):
+        return STRING
+    for name, dt in DTYPES.items():
+        if arr.dtype == dt or arr.dtype == dt.newbyteorder("="):
+            return name
+    raise InvalidArgument(f"dtype {arr.dtype} is not supported on the wire (supported: {', '.join(ALL_DTYPES)})")
+
+
+def _to_bytes(x: Any) -> bytes:
+    if isinstance(x, bytes):
+        return x
+    if isinstance(x, str):
+        return x.encode("utf-8")
+    if isinstance(x, np.bytes_):
+        return bytes(x)
+    return str(x).encode("utf-8")
+
+
+def encode_tensor(name: str, arr: np.ndarray) -> tuple[dict[str, Any], Any]:
+    """(meta, frame) for one tensor. The frame is a zero-copy buffer for numeric arrays."""
+    arr = np.asarray(arr)
+    dt = dtype_name(arr)
+    meta = {"name": name, "dtype": dt, "shape": [int(d) for d in arr.shape]}
+    if dt == STRING:
+        return meta, msgpack.packb([_to_bytes(x) for x in arr.reshape(-1).tolist()], use_bin_type=True)
+    want = DTYPES[dt]
+    if arr.dtype != want or not arr.flags.c_contiguous:
+        arr = np.ascontiguousarray(arr, dtype=want)
+    return meta, memoryview(arr).cast("B") if arr.size else b""
+
+
+def decode_tensor(meta: Any, frame: Any) -> np.ndarray:
+    """The array a (meta, frame) pair describes; raises InvalidArgument when they disagree."""
+    if not isinstance(meta, dict):
+        raise InvalidArgument("tensor entry must be a map with name, dtype and shape")
+    name = meta.get("name")
+    dt = meta.get("dtype")
+    shape = meta.get("shape")
+    if not isinstance(name, str):
+        raise InvalidArgument("tensor entry has no string 'name'")
+    if dt not in ALL_DTYPES:
+        raise InvalidArgument(f"tensor '{name}': unknown dtype {dt!r} (supported: {', '.join(ALL_DTYPES)})")
+    if not isinstance(shape, (list, tuple)) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise InvalidArgument(f"tensor '{name}': shape must be a list of non-negative integers, got {shape!r}")
+    count = 1
+    for d in shape:
+        count *= d
+    buf = frame.buffer if hasattr(frame, "buffer") else frame
+    if dt == STRING:
+        try:
+            items = msgpack.unpackb(bytes(buf), raw=True) if len(buf) else []
+        except Exception as exc:  # noqa: BLE001 - any decode failure is the sender's fault
+            raise InvalidArgument(f"tensor '{name}': string payload is not a msgpack array ({exc})") from None
+        if not isinstance(items, list) or len(items) != count:
+            raise InvalidArgument(f"tensor '{name}': string payload has {len(items) if isinstance(items, list) else 'no'} "
+                                  f"elements, shape {list(shape)} needs {count}")
+        out = np.empty(count, dtype=object)
+        for i, item in enumerate(items):
+            out[i] = item if isinstance(item, bytes) else _to_bytes(item)
+        return out.reshape(shape)
+    want = DTYPES[dt]
+    nbytes = count * want.itemsize
+    if len(buf) != nbytes:
+        raise InvalidArgument(f"tensor '{name}': payload is {len(buf)} bytes, {dt}{list(shape)} needs {nbytes}")
+    return np.frombuffer(buf, dtype=want).reshape(shape)
+
+
+def pack(header: dict[str, Any], tensors: dict[str, np.ndarray] | None = None,
+         key: str = "inputs") -> list[Any]:
+    """MAGIC, header and payload frames for a message carrying ``tensors`` under ``header[key]``."""
+    frames: list[Any] = []
+    if tensors:
+        metas = []
+        for name, arr in tensors.items():
+            meta, frame = encode_tensor(name, arr)
+            metas.append(meta)
+            frames.append(frame)
+        header = dict(header)
+        header[key] = metas
+    return [MAGIC, msgpack.packb(header, use_bin_type=True)] + frames
+
+
+def unpack_header(frames: Sequence[Any]) -> tuple[dict[str, Any], list[Any]]:
+    """(header, payload frames) of a message that starts at MAGIC; raises InvalidArgument."""
+    if len(frames) < 2:
+        raise InvalidArgument(f"message has {len(frames)} frame(s); expected MAGIC, header, payload...")
+    magic = bytes(frames[0].buffer if hasattr(frames[0], "buffer") else frames[0])
+    if magic != MAGIC:
+        raise InvalidArgument(f"first frame must be {MAGIC!r} (protocol version {PROTOCOL_VERSION}), got {magic[:16]!r}")
+    raw = frames[1].buffer if hasattr(frames[1], "buffer") else frames[1]
+    try:
+        header = msgpack.unpackb(bytes(raw), raw=False, strict_map_key=False)
+    except Exception as exc:  # noqa: BLE001
+        raise InvalidArgument(f"header frame is not valid msgpack ({type(exc).__name__})") from None
+    if not isinstance(header, dict):
+        raise InvalidArgument("header frame must be a msgpack map")
+    return header, list(frames[2:])
+
+
+def decode_tensors(metas: Any, payload: Sequence[Any], what: str = "inputs") -> dict[str, np.ndarray]:
+    """Name -> array for the header list ``metas`` and its payload frames."""
+    if metas is None:
+        metas = []
+    if not isinstance(metas, list):
+        raise InvalidArgument(f"'{what}' must be a list of tensor entries")
+    if len(metas) != len(payload):
+        raise InvalidArgument(f"header lists {len(metas)} {what} but the message carries {len(payload)} payload frames")
+    out: dict[str, np.ndarray] = {}
+    for meta, frame in zip(metas, payload):
+        arr = decode_tensor(meta, frame)
+        if meta["name"] in out:
+            raise InvalidArgument(f"{what[:-1]} '{meta['name']}' is given twice")
+        out[meta["name"]] = arr
+    return out
+
+
+def error_header(request_id: Any, code: int, message: str, **extra: Any) -> dict[str, Any]:
+    header = {"id": request_id, "code": code, "message": message}
+    header.update(extra)
+    return header
+
+
+def error_reply(request_id: Any, code: int, message: str, **extra: Any) -> list[Any]:
+    return [MAGIC, msgpack.packb(error_header(request_id, code, message, **extra), use_bin_type=True)]
+
+
+def ok_header(request_id: Any, **extra: Any) -> dict[str, Any]:
+    header = {"id": request_id, "code": OK, "message": ""}
+    header.update(extra)
+    return header
+
+
+@dataclasses.dataclass
+class Envelope:
+    """The routing frames a ROUTER socket put in front of a client's message.
+
+    ``delimiter`` is True when the client is a REQ socket (it sent an empty frame before MAGIC),
+    so the reply must carry the empty frame too.
+    """
+
+    identity: list[bytes]
+    delimiter: bool
+
+    def wrap(self, frames: list[Any]) -> list[Any]:
+        return list(self.identity) + ([b""] if self.delimiter else []) + frames
+
+
+def split_envelope(frames: Sequence[Any]) -> tuple[Envelope, list[Any]]:
+    """Splits a frontend ROUTER message into (envelope, message from MAGIC on).
+
+    The identity is the first frame. An empty frame after it marks a REQ client. Anything else is
+    left for unpack_header to judge, so that garbage still gets an answer when it can be addressed.
+    """
+    ident = [bytes(frames[0])]
+    rest = list(frames[1:])
+    delimiter = False
+    if rest and len(rest[0]) == 0:
+        delimiter = True
+        rest = rest[1:]
+    return Envelope(ident, delimiter), rest
+
+
+def request_id_bytes(n: int) -> bytes:
+    return n.to_bytes(8, "little")
+
+
+def request_id_int(b: bytes) -> int:
+    return int.from_bytes(b, "little")
+
+
+def default_endpoint() -> str:
+    return os.environ.get("SGSERVE_ENDPOINT", "tcp://127.0.0.1:8510")
+
+
+__all__ = [
+    "MAGIC", "PROTOCOL_VERSION", "PREDICT", "METADATA", "STATUS", "SHUTDOWN", "PING", "W_READY",
+    "W_REQUEST", "W_REPLY", "W_HEARTBEAT", "W_STOP", "DTYPES", "STRING", "ALL_DTYPES", "pack",
+    "unpack_header", "decode_tensors", "encode_tensor", "decode_tensor", "error_reply", "ok_header",
+    "Envelope", "split_envelope", "INVALID_ARGUMENT",
+]

@@ -1,0 +1,1 @@
+"""Worker processes: pinned to their cores, serving models from shared memory."""

@@ -1,0 +1,5 @@
+import sys
+
+from sgserve.worker.serve import main
+
+sys.exit(main())

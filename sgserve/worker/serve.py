@@ -1,0 +1,146 @@
+"""The worker process: pin, map the models, warm up, announce READY, then serve one request at a time.
+
+Started by the broker's supervisor as ``python -m sgserve.worker '<WorkerSpec JSON>'``. Exit codes
+(config.py): 3 = cannot boot (pinning, arguments), 4 = cannot map or build a model. The supervisor
+does not restart a worker that exits with either, since it would only fail again.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+import msgpack
+
+from sgserve import protocol
+from sgserve.config import EXIT_BOOT_ERROR, EXIT_MODEL_ERROR, EXIT_OK, WorkerSpec
+from sgserve.errors import DEADLINE_EXCEEDED, INTERNAL, NOT_FOUND, ServeError
+from sgserve.worker import pinning
+
+log = logging.getLogger("sgserve.worker")
+
+
+class WorkerProcess:
+    """Built from a WorkerSpec; touches no process state until boot()."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        self.runtimes: dict[tuple[str, int], Any] = {}
+        self.served = 0
+
+    def boot(self) -> int:
+        spec = self.spec
+        pinning.die_with_parent()
+        self.parent = os.getppid()
+        try:
+            pinning.pin(spec.cores)
+        except (OSError, ValueError) as exc:
+            log.error("cannot pin to cores %s: %s", spec.cores, exc)
+            return EXIT_BOOT_ERROR
+        os.environ.update(pinning.thread_env(spec.intra_op_threads, spec.inter_op_threads))
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        try:
+            import tensorflow as tf  # noqa: PLC0415
+
+            tf.config.threading.set_intra_op_parallelism_threads(spec.intra_op_threads)
+            tf.config.threading.set_inter_op_parallelism_threads(spec.inter_op_threads)
+            from sgserve.worker.runtime import ModelRuntime  # noqa: PLC0415
+
+            for m in spec.models:
+                rt = ModelRuntime(m["segment"])
+                rt.warmup()
+                self.runtimes[(rt.name, rt.version)] = rt
+        except Exception as exc:  # noqa: BLE001
+            log.exception("cannot load models: %s", exc)
+            return EXIT_MODEL_ERROR
+        return EXIT_OK
+
+    def handle(self, header: dict[str, Any], payload: list[Any]) -> list[Any]:
+        """Reply frames (from MAGIC on) for one request; never raises."""
+        rid = header.get("id")
+        try:
+            deadline = header.get("deadline")
+            if deadline is not None and time.time() > deadline:
+                return protocol.error_reply(rid, DEADLINE_EXCEEDED, "deadline exceeded before the request could run")
+            model, version = header.get("model"), header.get("version")
+            rt = self.runtimes.get((model, version))
+            if rt is None:
+                return protocol.error_reply(rid, NOT_FOUND, f"model '{model}' version {version} is not loaded in worker {self.spec.index}")
+            sig = header.get("signature") or protocol.DEFAULT_SIGNATURE
+            runner = rt.signatures.get(sig)
+            if runner is None:
+                return protocol.error_reply(rid, NOT_FOUND, f"model '{model}' has no signature '{sig}'; "
+                                                            f"it has {sorted(rt.signatures)}")
+            arrays = protocol.decode_tensors(header.get("inputs"), payload)
+            outputs = runner.run(arrays, header.get("output_filter"))
+            self.served += 1
+            return protocol.pack(protocol.ok_header(rid, model=model, version=version, worker=self.spec.index),
+                                 outputs, key="outputs")
+        except ServeError as exc:
+            return protocol.error_reply(rid, exc.code, exc.message, model=header.get("model"),
+                                        version=header.get("version"), worker=self.spec.index)
+        except Exception as exc:  # noqa: BLE001
+            log.exception("request failed")
+            return protocol.error_reply(rid, INTERNAL, f"{type(exc).__name__}: {exc}", worker=self.spec.index)
+
+    def serve(self) -> int:
+        import zmq  # noqa: PLC0415
+
+        spec = self.spec
+        ctx = zmq.Context.instance()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IDENTITY, f"w{spec.index}-{os.getpid()}".encode())
+        sock.connect(spec.backend)
+        sock.send_multipart([protocol.MAGIC, protocol.W_READY, msgpack.packb(
+            {"index": spec.index, "pid": os.getpid(), "cores": spec.cores})])
+        log.info("ready on cores %s", spec.cores)
+        interval = spec.heartbeat_interval
+        last_sent = last_heard = time.monotonic()
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        try:
+            while True:
+                if poller.poll(interval * 1000):
+                    frames = sock.recv_multipart(copy=False)
+                    last_heard = time.monotonic()
+                    cmd = frames[1].bytes if len(frames) > 1 else b""
+                    if cmd == protocol.W_REQUEST and len(frames) >= 4:
+                        rid = frames[2].bytes
+                        try:
+                            header = msgpack.unpackb(frames[3].bytes, raw=False, strict_map_key=False)
+                        except Exception:  # noqa: BLE001 - the broker checked it; be safe anyway
+                            header = {}
+                        reply = self.handle(header, frames[4:])
+                        sock.send_multipart([protocol.MAGIC, protocol.W_REPLY, rid] + reply[1:], copy=False)
+                        last_sent = time.monotonic()
+                    elif cmd == protocol.W_STOP:
+                        log.info("stopping after %d requests", self.served)
+                        return EXIT_OK
+                now = time.monotonic()
+                if now - last_sent >= interval:
+                    sock.send_multipart([protocol.MAGIC, protocol.W_HEARTBEAT])
+                    last_sent = now
+                if os.getppid() != self.parent or now - last_heard > interval * 10:
+                    log.error("broker is gone; exiting")
+                    return EXIT_OK
+        finally:
+            sock.close(0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        spec = WorkerSpec.from_json(argv[0])
+    except (IndexError, ValueError, TypeError) as exc:
+        print(f"sgserve worker: bad spec: {exc}", file=sys.stderr)
+        return EXIT_BOOT_ERROR
+    logging.basicConfig(level=logging.INFO,
+                        format=f"%(asctime)s [worker {spec.index} pid {os.getpid()}] %(levelname)s %(message)s")
+    worker = WorkerProcess(spec)
+    code = worker.boot()
+    if code != EXIT_OK:
+        return code
+    return worker.serve()
