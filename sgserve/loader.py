@@ -83,7 +83,10 @@ class Progress:
         self.stream.flush()
 
     def finish(self) -> None:
+        printed_all = self.last and self.done >= self.total
         self.done = self.total
+        if printed_all:
+            return
         if self.last or self.total >= 64 * 1024 * 1024:
             self._print(final=True)
 

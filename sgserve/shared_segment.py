@@ -60,7 +60,10 @@ def _owner_alive(name: str) -> bool:
         return True  # not ours to judge
     pid, start = int(m.group(1)), int(m.group(2))
     try:
-        return int(psutil.Process(pid).create_time() * 100) == start
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:  # killed, not yet reaped: it owns nothing any more
+            return False
+        return int(proc.create_time() * 100) == start
     except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
         return False
 

@@ -44,6 +44,7 @@ class WorkerProcess:
         try:
             import tensorflow as tf  # noqa: PLC0415
 
+            tf.get_logger().setLevel("ERROR")
             tf.config.threading.set_intra_op_parallelism_threads(spec.intra_op_threads)
             tf.config.threading.set_inter_op_parallelism_threads(spec.inter_op_threads)
             from sgserve.worker.runtime import ModelRuntime  # noqa: PLC0415
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     except (IndexError, ValueError, TypeError) as exc:
         print(f"sgserve worker: bad spec: {exc}", file=sys.stderr)
         return EXIT_BOOT_ERROR
-    logging.basicConfig(level=logging.INFO,
+    logging.basicConfig(level=getattr(logging, os.environ.get("SGSERVE_LOG_LEVEL", "WARNING").upper(), logging.WARNING),
                         format=f"%(asctime)s [worker {spec.index} pid {os.getpid()}] %(levelname)s %(message)s")
     worker = WorkerProcess(spec)
     code = worker.boot()

@@ -1,0 +1,229 @@
+"""The `sgserve` command line: a thin click layer over ServerConfig, the Client and the load generator.
+
+Every option is also an environment variable (SGSERVE_<COMMAND>_<OPTION>, click's auto_envvar_prefix).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+import click
+import numpy as np
+
+from sgserve.config import ServerConfig
+from sgserve.errors import ServeError
+from sgserve.protocol import default_endpoint
+
+ENDPOINT_HELP = "broker endpoint (ZeroMQ), default tcp://127.0.0.1:8510 or $SGSERVE_ENDPOINT"
+
+
+@click.group(context_settings={"auto_envvar_prefix": "SGSERVE", "help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="sgserve")
+def main() -> None:
+    """sgserve: N pinned TensorFlow worker processes serving one shared-memory copy of a model."""
+
+
+@main.command()
+@click.option("--model-base-path", type=click.Path(), default=None,
+              help="TF Serving layout: BASE/<integer version>/saved_model.pb. Default: the built-in demo model.")
+@click.option("--model-name", default=None, help="name clients use; default: the base path's last component, or 'demo'")
+@click.option("--workers", type=int, default=2, show_default=True, help="worker processes")
+@click.option("--cpus-per-worker", type=int, default=1, show_default=True,
+              help="cores per worker; worker i is pinned to cores [i*K, (i+1)*K)")
+@click.option("--policy", default="rr", show_default=True,
+              help="dispatch policy: rr, mod, least-loaded, or package.module:callable")
+@click.option("--endpoint", default=None, help=ENDPOINT_HELP)
+@click.option("--intra-op-threads", type=int, default=None, help="TF intra-op pool per worker (default: cpus-per-worker)")
+@click.option("--inter-op-threads", type=int, default=None, help="TF inter-op pool per worker (default: 1, or 2 above 2 cores)")
+@click.option("--allow-oversubscribe", is_flag=True, help="allow more worker cores than the machine has")
+@click.option("--max-request-bytes", type=int, default=64 * 1024 * 1024, show_default=True,
+              help="largest request payload accepted")
+@click.option("--max-enqueued", type=int, default=1024, show_default=True,
+              help="requests that may wait for a free worker before new ones get 429")
+@click.option("--worker-timeout", type=float, default=30.0, show_default=True,
+              help="seconds a worker may hold one request before it counts as hung and is restarted")
+@click.option("--log-level", default="warning", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]))
+def start(model_base_path: str | None, model_name: str | None, workers: int, cpus_per_worker: int, policy: str,
+          endpoint: str | None, intra_op_threads: int | None, inter_op_threads: int | None,
+          allow_oversubscribe: bool, max_request_bytes: int, max_enqueued: int, worker_timeout: float,
+          log_level: str) -> None:
+    """Serve a model in the foreground until SIGINT/SIGTERM (or `sgserve stop`)."""
+    from sgserve import server  # noqa: PLC0415
+
+    os.environ["SGSERVE_LOG_LEVEL"] = log_level  # workers and the loader follow the server's level
+    logging.basicConfig(level=getattr(logging, log_level.upper()),
+                        format="%(asctime)s [sgserve pid %(process)d] %(levelname)s %(name)s: %(message)s")
+    config = ServerConfig(
+        model_base_path=model_base_path, model_name=model_name, workers=workers, cpus_per_worker=cpus_per_worker,
+        policy=policy, endpoint=endpoint or default_endpoint(), intra_op_threads=intra_op_threads,
+        inter_op_threads=inter_op_threads, allow_oversubscribe=allow_oversubscribe,
+        max_request_bytes=max_request_bytes, max_enqueued=max_enqueued, worker_timeout=worker_timeout)
+    try:
+        code = server.run(config)
+    except server.ConfigError as exc:
+        click.echo(f"sgserve: error: {exc}", err=True)
+        sys.exit(server.EXIT_CONFIG_ERROR)
+    except (ValueError, OSError) as exc:  # bad --policy, endpoint in use, ...
+        click.echo(f"sgserve: error: {exc}", err=True)
+        sys.exit(server.EXIT_CONFIG_ERROR)
+    sys.exit(code)
+
+
+def _client(endpoint: str | None, timeout: float):
+    from sgserve.client import Client  # noqa: PLC0415
+
+    return Client(endpoint or default_endpoint(), timeout=timeout)
+
+
+def _fail(exc: Exception) -> None:
+    click.echo(f"sgserve: {exc}", err=True)
+    sys.exit(1)
+
+
+@main.command()
+@click.option("--endpoint", default=None, help=ENDPOINT_HELP)
+@click.option("--json", "as_json", is_flag=True, help="print the raw status as JSON")
+@click.option("--timeout", type=float, default=5.0, show_default=True)
+def status(endpoint: str | None, as_json: bool, timeout: float) -> None:
+    """Workers (pid, cores, state, requests served) and models (version, bytes in shared memory)."""
+    try:
+        with _client(endpoint, timeout) as c:
+            st = c.status()
+    except ServeError as exc:
+        _fail(exc)
+        return
+    if as_json:
+        click.echo(json.dumps(st, indent=2, default=str))
+        return
+    srv = st.get("server", {})
+    click.echo(f"server pid {srv.get('pid')} on {srv.get('endpoint')}, policy {srv.get('policy')}, "
+               f"up {srv.get('uptime_s', 0):.0f} s")
+    click.echo(f"{'WORKER':>6} {'PID':>8} {'CORES':<10} {'STATE':<9} {'INFLIGHT':>8} {'SERVED':>10} {'RESTARTS':>8}")
+    for w in st.get("workers", []):
+        cores = ",".join(map(str, w.get("cores", [])))
+        click.echo(f"{w.get('index'):>6} {w.get('pid') or '-':>8} {cores:<10} {w.get('state'):<9} "
+                   f"{w.get('inflight', 0):>8} {w.get('served', 0):>10} {w.get('restarts', 0):>8}")
+    click.echo(f"{'MODEL':<20} {'VERSION':>7} {'STATE':<10} {'SHARED MiB':>10}  SEGMENT")
+    for m in st.get("models", []):
+        click.echo(f"{m.get('name'):<20} {m.get('version'):>7} {m.get('state'):<10} "
+                   f"{m.get('bytes', 0) / 1048576:>10.1f}  {m.get('segment')}")
+
+
+def _parse_inputs(inputs: tuple[str, ...], json_text: str | None, meta: dict[str, Any], signature: str) -> dict[str, np.ndarray]:
+    sig = meta.get("signatures", {}).get(signature)
+    want = sig["inputs"] if sig else {}
+    arrays: dict[str, np.ndarray] = {}
+    for item in inputs:
+        name, _, path = item.partition("=")
+        if not path:
+            raise click.BadParameter(f"--input takes NAME=FILE.npy, got {item!r}")
+        arrays[name] = np.load(path, allow_pickle=False)
+    if json_text:
+        if os.path.isfile(json_text):
+            with open(json_text) as f:
+                json_text = f.read()
+        data = json.loads(json_text)
+        if isinstance(data, dict) and "inputs" in data and isinstance(data["inputs"], dict):
+            data = data["inputs"]  # TF Serving's REST "inputs" form
+        for name, value in data.items():
+            dt = want.get(name, {}).get("dtype")
+            if dt == "string":
+                arr = np.array(value, dtype=object)
+                arrays[name] = np.vectorize(lambda s: s.encode() if isinstance(s, str) else s, otypes=[object])(arr) \
+                    if arr.size else arr
+            else:
+                arrays[name] = np.array(value, dtype=dt) if dt else np.array(value)
+    return arrays
+
+
+@main.command()
+@click.argument("model", required=False, default="demo")
+@click.option("--input", "-i", "inputs", multiple=True, help="NAME=FILE.npy (repeatable)")
+@click.option("--json", "json_text", default=None,
+              help='inputs as JSON (or a JSON file): {"name": [[...]], ...}; dtypes come from the model metadata')
+@click.option("--version", type=int, default=None)
+@click.option("--signature", default="serving_default", show_default=True)
+@click.option("--output", "-o", "output_filter", multiple=True, help="only return these outputs")
+@click.option("--routing-key", default=None)
+@click.option("--endpoint", default=None, help=ENDPOINT_HELP)
+@click.option("--timeout", type=float, default=30.0, show_default=True)
+def predict(model: str, inputs: tuple[str, ...], json_text: str | None, version: int | None, signature: str,
+            output_filter: tuple[str, ...], routing_key: str | None, endpoint: str | None, timeout: float) -> None:
+    """Send one request and print the outputs as JSON."""
+    try:
+        with _client(endpoint, timeout) as c:
+            meta = c.metadata(model, version=version)
+            arrays = _parse_inputs(inputs, json_text, meta, signature)
+            res = c.predict_full(model, arrays, version=version, signature=signature,
+                                 output_filter=list(output_filter) or None, routing_key=routing_key)
+    except ServeError as exc:
+        _fail(exc)
+        return
+
+    def plain(a: np.ndarray):
+        if a.dtype == object:
+            return [plain(x) for x in a] if a.ndim else (a.item().decode("utf-8", "replace")
+                                                         if isinstance(a.item(), bytes) else a.item())
+        return a.tolist()
+
+    click.echo(json.dumps({"model": res.model, "version": res.version, "worker": res.worker,
+                           "outputs": {k: plain(v) for k, v in res.outputs.items()}}))
+
+
+@main.command()
+@click.option("--endpoint", default=None, help=ENDPOINT_HELP)
+@click.option("--timeout", type=float, default=5.0, show_default=True)
+def stop(endpoint: str | None, timeout: float) -> None:
+    """Ask a running server to drain and stop."""
+    try:
+        with _client(endpoint, timeout) as c:
+            c.shutdown()
+    except ServeError as exc:
+        _fail(exc)
+        return
+    click.echo("sgserve: stop requested", err=True)
+
+
+@main.command()
+@click.argument("model", required=False, default="demo")
+@click.option("--endpoint", default=None, help=ENDPOINT_HELP)
+@click.option("--concurrency", "-c", type=int, default=8, show_default=True, help="clients in the closed loop")
+@click.option("--duration", "-d", type=float, default=None, help="seconds to run (default 10 unless --requests)")
+@click.option("--requests", "-n", type=int, default=None, help="total requests instead of a duration")
+@click.option("--batch-size", "-b", type=int, default=1, show_default=True, help="rows per request")
+@click.option("--warmup", type=float, default=1.0, show_default=True, help="seconds of unmeasured warmup")
+@click.option("--signature", default="serving_default", show_default=True)
+@click.option("--timeout", type=float, default=10.0, show_default=True, help="per-request timeout")
+@click.option("--json", "json_path", default=None, help="also write the results as JSON to this file ('-' = stdout)")
+def bench(model: str, endpoint: str | None, concurrency: int, duration: float | None, requests: int | None,
+          batch_size: int, warmup: float, signature: str, timeout: float, json_path: str | None) -> None:
+    """Closed-loop load test: QPS, p50/p90/p99/max latency and errors."""
+    from sgserve import loadgen  # noqa: PLC0415
+
+    cfg = loadgen.BenchConfig(endpoint=endpoint or default_endpoint(), model=model, concurrency=concurrency,
+                              duration=duration if duration is not None else (None if requests else 10.0),
+                              requests=requests, batch_size=batch_size, warmup=warmup, signature=signature,
+                              timeout=timeout)
+    try:
+        result = loadgen.run_bench(cfg, progress=sys.stderr.isatty() or True)
+    except ServeError as exc:
+        _fail(exc)
+        return
+    click.echo(loadgen.format_result(result))
+    if json_path:
+        text = json.dumps(result.to_dict(), indent=2)
+        if json_path == "-":
+            click.echo(text)
+        else:
+            with open(json_path, "w") as f:
+                f.write(text + "\n")
+    if result.errors and result.ok == 0:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

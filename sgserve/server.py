@@ -1,0 +1,128 @@
+"""`sgserve start` as a function: check the cores, load the model once, run the broker, clean up.
+
+The CLI maps its options onto a ServerConfig and calls run(config); tests call the same run through
+the real CLI. Everything this server puts in /dev/shm carries its server id and is unlinked on every
+exit path; what a killed server left behind is removed by the next start.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from typing import Callable
+
+from sgserve import shared_segment
+from sgserve.config import ModelSpec, ServerConfig
+from sgserve.worker.pinning import available_cores
+
+log = logging.getLogger(__name__)
+
+EXIT_CONFIG_ERROR = 2
+EXIT_MODEL_ERROR = 2
+
+
+class ConfigError(Exception):
+    """A setting that cannot work on this machine; the message says what to change."""
+
+
+def check_cores(config: ServerConfig) -> list[int]:
+    cores = available_cores()
+    need = config.workers * config.cpus_per_worker
+    if config.workers < 1 or config.cpus_per_worker < 1:
+        raise ConfigError("--workers and --cpus-per-worker must be at least 1")
+    if need > len(cores) and not config.allow_oversubscribe:
+        raise ConfigError(
+            f"{config.workers} workers x {config.cpus_per_worker} cores = {need} cores, but this machine has "
+            f"{len(cores)} available to sgserve (cores {','.join(map(str, cores))}). Use fewer workers or cores "
+            f"per worker, or pass --allow-oversubscribe to share cores between workers.")
+    return cores
+
+
+def load_model(config: ServerConfig, sid: str) -> ModelSpec:
+    """Runs the loader process; returns the loaded version's spec or raises ConfigError."""
+    name = config.resolved_model_name()
+    cmd = [sys.executable, "-m", "sgserve.loader", "--name", name, "--server-id", sid]
+    if config.model_base_path:
+        cmd += ["--base-path", os.path.abspath(config.model_base_path)]
+    else:
+        cmd += ["--demo-cache-dir", config.cache_dir]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        out, err = "", []
+        assert proc.stderr is not None and proc.stdout is not None
+        for line in proc.stderr:  # progress lines pass through; TF noise is dropped
+            if line.startswith("[sgserve]") or line.startswith("sgserve:"):
+                sys.stderr.write(line)
+                sys.stderr.flush()
+            err.append(line)
+        out = proc.stdout.read()
+        rc = proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if rc != 0:
+        msg = next((ln.strip() for ln in reversed(err) if ln.startswith("sgserve:")), None)
+        raise ConfigError(msg or f"loader exited with code {rc}: {''.join(err[-5:]).strip()}")
+    return ModelSpec.from_dict(json.loads(out.strip().splitlines()[-1]))
+
+
+def remove_own_segments(sid: str) -> None:
+    for name in shared_segment.list_segments():
+        if name.startswith(f"/{shared_segment.SEGMENT_PREFIX}{sid}_"):
+            shared_segment.unlink(name)
+
+
+def run(config: ServerConfig, *, worker_command: list[str] | None = None,
+        on_ready: Callable[[], None] | None = None) -> int:
+    from sgserve.broker import Broker  # noqa: PLC0415
+
+    check_cores(config)
+    shared_segment.remove_stale_segments()
+    sid = shared_segment.server_id()
+    runtime_dir = tempfile.mkdtemp(prefix="sgserve-")
+    broker = None
+
+    def on_signal(signum, _frame):
+        if broker is not None:
+            broker.request_stop()
+        else:
+            raise KeyboardInterrupt
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        spec = load_model(config, sid)
+        mib = spec.segment_bytes / (1024 * 1024)
+        log.info("loaded model '%s' version %d: %.1f MiB of variables in %s (%.2f s)",
+                 spec.name, spec.version, mib, spec.segment, spec.load_seconds)
+
+        def ready() -> None:
+            print(f"sgserve: serving model '{spec.name}' version {spec.version} ({mib:.1f} MiB shared) "
+                  f"with {config.workers} worker(s) x {config.cpus_per_worker} core(s) on {config.endpoint}",
+                  file=sys.stderr, flush=True)
+            if on_ready:
+                on_ready()
+
+        broker = Broker(config, [spec], server_id=sid, backend_endpoint=f"ipc://{runtime_dir}/backend",
+                        worker_command=worker_command, on_ready=ready)
+        rc = broker.run()
+        if rc != 0 and getattr(broker, "fatal_error", None):
+            print(f"sgserve: {broker.fatal_error}", file=sys.stderr, flush=True)
+        return rc
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        remove_own_segments(sid)
+        try:
+            for f in os.listdir(runtime_dir):
+                os.unlink(os.path.join(runtime_dir, f))
+            os.rmdir(runtime_dir)
+        except OSError:
+            pass

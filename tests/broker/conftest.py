@@ -1,0 +1,53 @@
+"""Fixtures for broker tests: each starts a real Broker in a thread over real echo worker processes."""
+from __future__ import annotations
+
+import sys
+import tempfile
+import threading
+import uuid
+from typing import Any, Iterator
+
+import pytest
+
+from broker_helpers import ECHO_WORKER, RunningBroker, demo_models, descendants, test_config
+from sgserve.broker import Broker
+from sgserve.config import ModelSpec
+
+
+@pytest.fixture
+def start_broker() -> Iterator[Any]:
+    """start_broker(worker_args=[...], wait_ready=True, models=..., **config) -> RunningBroker."""
+    started: list[RunningBroker] = []
+
+    def start(*, worker_args: list[str] = (), wait_ready: bool = True, models: list[ModelSpec] | None = None,
+              **overrides: Any) -> RunningBroker:
+        config = test_config(**overrides)
+        ready = threading.Event()
+        backend = f"ipc://{tempfile.gettempdir()}/sgs-test-{uuid.uuid4().hex[:12]}.sock"
+        broker = Broker(config, models or demo_models(), server_id=f"test-{uuid.uuid4().hex[:6]}",
+                        backend_endpoint=backend,
+                        worker_command=[sys.executable, ECHO_WORKER, *worker_args], on_ready=ready.set)
+        holder: list[RunningBroker] = []
+
+        def run() -> None:
+            rc = broker.run()
+            holder[0].rc = rc
+
+        thread = threading.Thread(target=run, name="broker", daemon=True)
+        running = RunningBroker(broker, thread, ready)
+        holder.append(running)
+        started.append(running)
+        thread.start()
+        if wait_ready:
+            assert ready.wait(15), f"workers not READY: {broker.fatal_error or broker.status()['workers']}"
+        return running
+
+    yield start
+    for running in started:
+        running.stop()
+        running.close()
+        assert not running.thread.is_alive(), "Broker.run() did not return"
+    leftovers = descendants()
+    for p in leftovers:
+        p.kill()
+    assert not leftovers, f"worker processes survived the broker: {leftovers}"

@@ -1,0 +1,102 @@
+"""A scripted stand-in for ``sgserve.worker``: a real process that speaks the backend protocol.
+
+It echoes a request's inputs back as its outputs (same frames), so tests can check routing and
+payload handling without TensorFlow. The broker starts it as ``python echo_worker.py [options] SPEC``
+(the Supervisor appends the WorkerSpec JSON to its command).
+
+Options (before SPEC):
+  --boot-exit N        exit with code N instead of booting (with --only-index, just that worker)
+  --boot-delay S       sleep S seconds before READY
+  --only-index I       apply --boot-exit / --boot-delay / --silent to worker I only
+  --silent             never send heartbeats (the broker should expire and replace it)
+
+Per request, special input names:
+  sleep_s  float32 scalar: sleep that long before replying
+  crash    anything: exit(1) at once, holding the request
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import struct
+import sys
+import time
+
+import msgpack
+import zmq
+
+from sgserve.config import WorkerSpec
+from sgserve.protocol import MAGIC, W_HEARTBEAT, W_READY, W_REPLY, W_REQUEST, W_STOP
+
+ORPHAN_AFTER = 10.0  # seconds without hearing from the broker before exiting: never outlive a test
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--boot-exit", type=int)
+    parser.add_argument("--boot-delay", type=float, default=0.0)
+    parser.add_argument("--only-index", type=int)
+    parser.add_argument("--silent", action="store_true")
+    parser.add_argument("spec")
+    args = parser.parse_args(argv)
+    spec = WorkerSpec.from_json(args.spec)
+    targeted = args.only_index is None or args.only_index == spec.index
+    if targeted and args.boot_delay:
+        time.sleep(args.boot_delay)
+    if targeted and args.boot_exit is not None:
+        print(f"echo worker {spec.index}: failing boot with exit code {args.boot_exit}", file=sys.stderr)
+        return args.boot_exit
+    silent = targeted and args.silent
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.IDENTITY, f"w{spec.index}-{os.getpid()}".encode())
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(spec.backend)
+    sock.send_multipart([MAGIC, W_READY, msgpack.packb({"index": spec.index, "pid": os.getpid(),
+                                                        "cores": spec.cores})])
+    interval_ms = spec.heartbeat_interval * 1000.0
+    heard = time.monotonic()
+    while True:
+        if not sock.poll(interval_ms):
+            if time.monotonic() - heard > ORPHAN_AFTER:
+                return 0
+            if not silent:
+                sock.send_multipart([MAGIC, W_HEARTBEAT])
+            continue
+        frames = sock.recv_multipart(copy=False)
+        heard = time.monotonic()
+        command = frames[1].bytes
+        if command == W_STOP:
+            return 0
+        if command == W_REQUEST:
+            serve(sock, spec, frames[2].bytes, msgpack.unpackb(frames[3].bytes, raw=False), frames[4:])
+
+
+def serve(sock: zmq.Socket, spec: WorkerSpec, rid: bytes, header: dict, payload: list) -> None:
+    metas = header.get("inputs") or []
+    names = [m["name"] for m in metas]
+    if "crash" in names:
+        os._exit(1)
+    if "sleep_s" in names:
+        time.sleep(struct.unpack("<f", payload[names.index("sleep_s")].bytes[:4])[0])
+    reply = {"id": header.get("id"), "model": header.get("model"), "version": header.get("version"),
+             "worker": spec.index}
+    deadline = header.get("deadline")
+    if deadline is not None and time.time() > deadline:
+        reply.update(code=504, message="deadline exceeded before the worker ran the request")
+        sock.send_multipart([MAGIC, W_REPLY, rid, msgpack.packb(reply)])
+        return
+    wanted = header.get("output_filter")
+    outputs, frames = [], []
+    for meta, frame in zip(metas, payload):
+        if wanted is None or meta["name"] in wanted:
+            outputs.append(meta)
+            frames.append(frame)
+    reply.update(code=200, message="", outputs=outputs,
+                 broker={k: header.get(k) for k in ("signature", "deadline", "attempt", "routing_key")})
+    sock.send_multipart([MAGIC, W_REPLY, rid, msgpack.packb(reply, use_bin_type=True), *frames], copy=False)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
