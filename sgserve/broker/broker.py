@@ -1,0 +1,674 @@
+"""The broker: one process, two ROUTER sockets, a worker table and a dispatch policy.
+
+Clients talk to the frontend; workers connect DEALERs to the backend and announce READY. The loop
+is the ZeroMQ guide's load-balancing broker with Paranoid Pirate heartbeats, plus what the guide's
+examples leave out: every request the broker accepts gets exactly one answer, even when the worker
+holding it dies (it is retried once elsewhere, then failed with 503).
+
+    poll -> route -> purge expired -> send heartbeats -> supervise
+
+Requests are answered here when the broker knows enough (metadata, status, ping, bad input,
+overload, deadlines); predict requests go to workers, whose replies are forwarded untouched.
+"""
+from __future__ import annotations
+
+import collections
+import errno
+import itertools
+import logging
+import math
+import os
+import time
+from typing import Any, Callable, Sequence
+
+import msgpack
+import psutil
+import zmq
+
+from sgserve.broker.policies import DispatchPolicy, DispatchRequest, load_policy
+from sgserve.broker.supervisor import STOP_GRACE, Supervisor, WorkerFailure, assign_cores, describe_exit
+from sgserve.broker.worker_table import WorkerSlot, WorkerState, WorkerTable
+from sgserve.config import ModelSpec, ServerConfig
+from sgserve.errors import (DEADLINE_EXCEEDED, INTERNAL, UNAVAILABLE, DeadlineExceeded, InvalidArgument,
+                            NotFound, ResourceExhausted, ServeError, Unavailable)
+from sgserve.protocol import (ALL_DTYPES, DEFAULT_SIGNATURE, DTYPES, MAGIC, METADATA, PING, PREDICT,
+                              REQUEST_TYPES, SHUTDOWN, STATUS, STRING, W_HEARTBEAT, W_READY, W_REPLY,
+                              W_REQUEST, W_STOP, Envelope, error_reply, ok_header, request_id_bytes,
+                              split_envelope, unpack_header)
+
+log = logging.getLogger(__name__)
+
+BATCH = 256  # messages read from one socket per poll wake-up, so neither side starves the other
+FRONTEND_SNDHWM = 100_000  # replies queued per client before ZeroMQ would drop them
+FINAL_LINGER_MS = 200  # frontend linger at close: long enough to flush the last 503s, bounded
+
+
+class BindError(OSError):
+    """The frontend or backend endpoint cannot be bound (port in use, bad address)."""
+
+
+class Broker:
+    """Routes client requests to worker processes; see the module docstring.
+
+    Both sockets are bound in ``__init__``, so a port in use raises BindError before any worker
+    is spawned. ``run()`` blocks until a stop and always leaves no worker process behind.
+    """
+
+    def __init__(self, config: ServerConfig, models: list[ModelSpec], *, server_id: str,
+                 backend_endpoint: str, worker_command: list[str] | None = None,
+                 on_ready: Callable[[], None] | None = None,
+                 cores: Sequence[Sequence[int]] | None = None) -> None:
+        if not models:
+            raise ValueError("the broker needs at least one model version to serve")
+        self.config = config
+        self.server_id = server_id
+        self.on_ready = on_ready
+        self.fatal_error: str | None = None
+        self.models: dict[str, dict[int, ModelSpec]] = {}
+        for spec in models:
+            self.models.setdefault(spec.name, {})[spec.version] = spec
+        self._latest = {name: max(versions) for name, versions in self.models.items()}
+        self.policy: DispatchPolicy = load_policy(config.policy)
+        self.table = WorkerTable(config.workers, config.worker_pipeline)
+        if cores is None:
+            cores = assign_cores(config.workers, config.cpus_per_worker,
+                                 allow_oversubscribe=config.allow_oversubscribe)
+        if len(cores) != config.workers:
+            raise ValueError(f"{len(cores)} core sets given for {config.workers} workers")
+        for index, worker_cores in enumerate(cores):
+            self.table.add(index, list(worker_cores))
+        bind = getattr(self.policy, "bind", None)
+        if callable(bind):
+            bind(self.table)
+
+        self._ctx = zmq.Context()
+        self.frontend: zmq.Socket | None = None
+        self.backend: zmq.Socket | None = None
+        try:
+            self.frontend = self._bind(config.endpoint, "frontend (--endpoint)")
+            self.frontend.setsockopt(zmq.SNDHWM, FRONTEND_SNDHWM)
+            self.backend = self._bind(backend_endpoint, "backend")
+            self.backend.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a vanished worker raises, not drops
+        except BaseException:
+            self.close()
+            raise
+        self.endpoint: str = self.frontend.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.backend_endpoint: str = self.backend.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.supervisor = Supervisor(config, models, self.table, backend_endpoint=self.backend_endpoint,
+                                     server_id=server_id, command=worker_command)
+
+        self._queue: collections.deque[DispatchRequest] = collections.deque()
+        self._rids = itertools.count(1)
+        self._stop_requested = False
+        self._stopping = False
+        self._drain_until = math.inf
+        self._exit_code = 0
+        self._announced_ready = False
+        self._ran = False
+        self._started_at = time.monotonic()
+        self._next_heartbeat = 0.0
+        self._tick = max(0.005, min(0.05, config.heartbeat_interval / 4))
+        self._silence = config.heartbeat_interval * config.heartbeat_liveness
+
+    # -- public --------------------------------------------------------------------------------
+    def request_stop(self) -> None:
+        """Begins a graceful stop. Safe in a signal handler: it only sets a flag the loop reads."""
+        self._stop_requested = True
+
+    def run(self) -> int:
+        """Serves until stopped; 0 on a clean stop, non-zero with ``fatal_error`` set otherwise."""
+        if self._ran:
+            raise RuntimeError("Broker.run() can only be called once")
+        self._ran = True
+        self._started_at = time.monotonic()
+        try:
+            failure = self.supervisor.start_all()
+            if failure is not None:
+                self._fatal(failure)
+            self._loop()
+        except Exception as exc:  # noqa: BLE001 - the broker must stop cleanly on its own bugs too
+            log.exception("broker loop failed")
+            self._fatal(WorkerFailure(f"internal error in the broker: {type(exc).__name__}: {exc}", 1))
+        finally:
+            self._shutdown()
+        return self._exit_code
+
+    def close(self) -> None:
+        """Closes the sockets; for a Broker whose run() was never called (run() closes itself)."""
+        if self.frontend is not None:
+            self.frontend.close(linger=FINAL_LINGER_MS)
+            self.frontend = None
+        if self.backend is not None:
+            self.backend.close(linger=0)
+            self.backend = None
+        if not self._ctx.closed:
+            self._ctx.term()
+
+    def _bind(self, endpoint: str, what: str) -> zmq.Socket:
+        sock = self._ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        try:
+            sock.bind(endpoint)
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            raise BindError(exc.errno, f"cannot bind the {what} to {endpoint}: {exc.strerror}") from None
+        return sock
+
+    # -- the loop ------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        frontend, backend = self.frontend, self.backend
+        poller = zmq.Poller()
+        poller.register(backend, zmq.POLLIN)
+        poller.register(frontend, zmq.POLLIN)
+        next_tick = 0.0
+        while True:
+            if self._stop_requested and not self._stopping:
+                self._begin_stop()
+            if self._stopping and (time.monotonic() >= self._drain_until or self._drained()):
+                return
+            timeout_ms = math.ceil(max(0.0, next_tick - time.monotonic()) * 1000.0)
+            ready = dict(poller.poll(timeout_ms))
+            if backend in ready:
+                self._read(backend, self._on_backend)
+            if frontend in ready:
+                self._read(frontend, self._on_frontend)
+            now = time.monotonic()
+            if now >= next_tick:
+                self._purge(now)
+                self._send_heartbeats(now)
+                self._supervise(now)
+                next_tick = now + self._tick
+
+    def _read(self, sock: zmq.Socket, handle: Callable[[list[zmq.Frame]], None]) -> None:
+        for _ in range(BATCH):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                handle(frames)
+            except Exception:  # noqa: BLE001 - one bad message must not stop the server
+                log.exception("unexpected error handling a message; dropped")
+
+    # -- frontend ------------------------------------------------------------------------------
+    def _on_frontend(self, frames: list[zmq.Frame]) -> None:
+        envelope, msg = split_envelope(frames)
+        request_id = None
+        try:
+            size = sum(len(f) for f in msg)
+            if size > self.config.max_request_bytes:
+                request_id = _peek_id(msg)
+                raise InvalidArgument(f"request is {size} bytes, over the server's limit of "
+                                      f"{self.config.max_request_bytes} bytes (--max-request-bytes)")
+            header, payload = unpack_header(msg)
+            request_id = header.get("id")
+            self._on_request(envelope, header, payload)
+        except ServeError as exc:
+            self._send(envelope, error_reply(request_id, exc.code, exc.message))
+        except Exception as exc:  # noqa: BLE001 - answer 500 and keep serving
+            log.exception("unexpected error handling a client request")
+            self._send(envelope, error_reply(request_id, INTERNAL,
+                                             f"internal error in the broker: {type(exc).__name__}: {exc}"))
+
+    def _on_request(self, envelope: Envelope, header: dict[str, Any], payload: list[zmq.Frame]) -> None:
+        rtype = header.get("type")
+        if rtype not in REQUEST_TYPES:
+            what = "has no 'type'" if rtype is None else f"has unknown type {rtype!r}"
+            raise InvalidArgument(f"request {what}; expected one of {', '.join(REQUEST_TYPES)}")
+        if self._stopping:
+            raise Unavailable("server is shutting down")
+        if rtype == PREDICT:
+            self._on_predict(envelope, header, payload)
+        elif rtype == METADATA:
+            self._send_ok(envelope, header.get("id"), **self._metadata(header))
+        elif rtype == STATUS:
+            self._send_ok(envelope, header.get("id"), **self.status())
+        elif rtype == PING:
+            self._send_ok(envelope, header.get("id"), message="pong")
+        elif rtype == SHUTDOWN:
+            log.info("shutdown requested by a client")
+            self._send_ok(envelope, header.get("id"), message="shutting down")
+            self._stop_requested = True
+
+    def _on_predict(self, envelope: Envelope, header: dict[str, Any], payload: list[zmq.Frame]) -> None:
+        spec = self._resolve(header)
+        signature = header.get("signature")
+        if signature is None:
+            signature = DEFAULT_SIGNATURE
+        elif not isinstance(signature, str):
+            raise InvalidArgument(f"'signature' must be a string, got {type(signature).__name__}")
+        if signature not in spec.signatures:
+            raise NotFound(f"model '{spec.name}' version {spec.version} has no signature '{signature}'; "
+                           f"available signatures: {_names(spec.signatures)}")
+        check_tensors(header.get("inputs"), payload)
+        output_filter = header.get("output_filter")
+        if output_filter is not None and (not isinstance(output_filter, list)
+                                          or not all(isinstance(n, str) for n in output_filter)):
+            raise InvalidArgument("'output_filter' must be a list of output names")
+        routing_key = header.get("routing_key")
+        if routing_key is not None and not isinstance(routing_key, (int, str, bytes)):
+            raise InvalidArgument(f"'routing_key' must be an integer, string or bytes, "
+                                  f"got {type(routing_key).__name__}")
+        deadline = _deadline(header.get("timeout_ms"))
+        header["version"] = spec.version
+        header["signature"] = signature
+        header["deadline"] = deadline
+        header["attempt"] = 0
+        request = DispatchRequest(
+            rid=request_id_bytes(next(self._rids)), envelope=envelope, header=header, payload=payload,
+            model=spec.name, version=spec.version, signature=signature, routing_key=routing_key,
+            client_id=envelope.identity[0], deadline=deadline, received_at=time.monotonic())
+        self._admit(request)
+
+    def _resolve(self, header: dict[str, Any]) -> ModelSpec:
+        """The ModelSpec a request names: unknown names and versions are 404s listing what exists."""
+        model = header.get("model")
+        if not isinstance(model, str) or not model:
+            raise InvalidArgument(f"request needs 'model', the name of a served model "
+                                  f"(available models: {_names(self.models)})")
+        versions = self.models.get(model)
+        if versions is None:
+            raise NotFound(f"model '{model}' is not served here; available models: {_names(self.models)}")
+        version = header.get("version")
+        if version is None:
+            return versions[self._latest[model]]
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise InvalidArgument(f"'version' must be an integer, got {version!r}")
+        spec = versions.get(version)
+        if spec is None:
+            raise NotFound(f"model '{model}' has no version {version}; available versions: "
+                           f"{', '.join(str(v) for v in sorted(versions))}")
+        return spec
+
+    def _metadata(self, header: dict[str, Any]) -> dict[str, Any]:
+        spec = self._resolve(header)
+        return {"model": spec.name, "versions": sorted(self.models[spec.name]), "version": spec.version,
+                "signatures": spec.signatures}
+
+    def status(self) -> dict[str, Any]:
+        """What the status request returns (also handy in tests and logs)."""
+        return {
+            "server": {"pid": os.getpid(), "endpoint": self.endpoint, "policy": self.config.policy,
+                       "uptime_s": round(time.monotonic() - self._started_at, 3), "server_id": self.server_id},
+            "workers": [{"index": s.index, "pid": s.pid, "cores": s.cores, "state": s.state.value,
+                         "inflight": len(s.inflight), "served": s.served, "restarts": s.restarts}
+                        for s in self.table],
+            "models": [{"name": m.name, "version": m.version, "state": "AVAILABLE", "segment": m.segment,
+                        "bytes": m.segment_bytes, "load_seconds": m.load_seconds}
+                       for name in sorted(self.models) for m in
+                       (self.models[name][v] for v in sorted(self.models[name]))],
+            "queued": len(self._queue),
+        }
+
+    # -- dispatch ------------------------------------------------------------------------------
+    def _admit(self, request: DispatchRequest) -> None:
+        """Sends the request to a worker now, or queues it, or refuses it with 429."""
+        queue = self._queue
+        if not queue and self._dispatch(request):
+            return
+        if len(queue) >= self.config.max_enqueued:
+            raise ResourceExhausted(f"server overloaded: {len(queue)} requests queued (--max-enqueued); "
+                                    f"retry later")
+        queue.append(request)
+
+    def _dispatch(self, request: DispatchRequest) -> bool:
+        """True when the request is handled (sent, or failed with an answer); False to keep it queued."""
+        while True:
+            slots = self.table.free()
+            if not slots:
+                return False
+            try:
+                slot = self.policy.choose(request, slots)
+            except Exception as exc:  # noqa: BLE001 - a plugin bug fails one request, not the server
+                log.exception("dispatch policy %r failed", self.config.policy)
+                self._fail(request, INTERNAL, f"dispatch policy {self.config.policy!r} failed: "
+                                              f"{type(exc).__name__}: {exc}")
+                return True
+            if slot is None:
+                return False
+            if not isinstance(slot, WorkerSlot) or self.table.get(slot.index) is not slot \
+                    or not self.table.has_capacity(slot):
+                log.error("dispatch policy %r returned %r, which is not one of the free workers",
+                          self.config.policy, slot)
+                self._fail(request, INTERNAL, f"dispatch policy {self.config.policy!r} returned "
+                                              f"something other than one of the free workers")
+                return True
+            if self._send_request(slot, request):
+                return True
+
+    def _send_request(self, slot: WorkerSlot, request: DispatchRequest) -> bool:
+        header = request.header
+        header["attempt"] = request.attempt
+        frames = [slot.identity, MAGIC, W_REQUEST, request.rid, msgpack.packb(header, use_bin_type=True)]
+        frames.extend(request.payload)
+        try:
+            self.backend.send_multipart(frames, copy=False)
+        except zmq.ZMQError as exc:
+            if exc.errno != errno.EHOSTUNREACH:
+                raise
+            self._worker_lost(slot, "disconnected from the broker")
+            return False
+        request.sent_at = time.monotonic()
+        self.table.mark_busy(slot, request)
+        return True
+
+    def _pump_queue(self) -> None:
+        """Moves queued requests to free workers, oldest first; answers the expired ones."""
+        queue = self._queue
+        wall = time.time()
+        now = time.monotonic()
+        while queue and self.table.free():
+            request = queue.popleft()
+            if self._expire(request, wall, now):
+                continue
+            if not self._dispatch(request):
+                queue.appendleft(request)
+                return
+
+    def _expire(self, request: DispatchRequest, wall: float, now: float) -> bool:
+        """Answers a queued request whose time is up; True when it did."""
+        if request.died_on is not None:
+            if (request.deadline is not None and wall >= request.deadline) or \
+                    (request.retry_until is not None and now >= request.retry_until):
+                self._fail(request, UNAVAILABLE, f"worker {request.died_on} died while serving the request, "
+                                                 f"and no other worker could take it in time")
+                return True
+            return False
+        if request.deadline is not None and wall >= request.deadline:
+            waited = (now - request.received_at) * 1000.0
+            self._fail(request, DEADLINE_EXCEEDED, f"deadline exceeded after {waited:.0f} ms queued in the "
+                                                   f"broker waiting for a free worker; the request was not run")
+            return True
+        return False
+
+    # -- backend -------------------------------------------------------------------------------
+    def _on_backend(self, frames: list[zmq.Frame]) -> None:
+        if len(frames) < 3 or frames[1].bytes != MAGIC:
+            log.warning("dropping a malformed backend message (%d frames)", len(frames))
+            return
+        identity = frames[0].bytes
+        command = frames[2].bytes
+        now = time.monotonic()
+        if command == W_REPLY:
+            if len(frames) < 5:
+                log.warning("dropping a reply without request id and header from %r", identity)
+                return
+            request = self.table.mark_idle(frames[3].bytes, identity, now)
+            if request is None:
+                slot = self.table.by_identity(identity)
+                if slot is not None:
+                    self.table.seen(slot, now)
+                log.debug("dropping a reply from %r for a request it no longer holds", identity)
+                return
+            self._send(request.envelope, [MAGIC, *frames[4:]])
+            if self._queue:
+                self._pump_queue()
+        elif command == W_HEARTBEAT:
+            slot = self.table.by_identity(identity)
+            if slot is not None:
+                self.table.seen(slot, now)
+        elif command == W_READY:
+            self._on_worker_ready(identity, frames[3:], now)
+        else:
+            log.warning("dropping unknown backend command %r from %r", command, identity)
+
+    def _on_worker_ready(self, identity: bytes, rest: list[zmq.Frame], now: float) -> None:
+        try:
+            info = msgpack.unpackb(rest[0].bytes, raw=False) if rest else None
+            index, pid = int(info["index"]), int(info["pid"])
+        except Exception:  # noqa: BLE001 - a garbled READY is logged, not trusted
+            log.warning("dropping a malformed READY from %r", identity)
+            return
+        slot = self.table.get(index)
+        if slot is None or slot.state is not WorkerState.STARTING or not self._is_ours(slot, pid):
+            if slot is not None and slot.identity == identity:
+                return  # a repeated READY
+            log.warning("READY from %r (index %s, pid %s) matches no booting worker; telling it to stop",
+                        identity, index, pid)
+            self._send_worker(identity, [MAGIC, W_STOP])
+            return
+        self.table.mark_ready(slot, identity, pid, now)
+        log.info("worker %d (pid %d) READY on cores %s after %.2f s", index, pid, info.get("cores", slot.cores),
+                 now - slot.started_at)
+        if not self._announced_ready and self.table.all_ready():
+            self._announced_ready = True
+            log.info("all %d workers READY; serving on %s", self.table.size, self.endpoint)
+            if self.on_ready is not None:
+                try:
+                    self.on_ready()
+                except Exception:  # noqa: BLE001 - a callback bug must not stop the server
+                    log.exception("on_ready callback failed")
+        if self._queue:
+            self._pump_queue()
+
+    @staticmethod
+    def _is_ours(slot: WorkerSlot, pid: int) -> bool:
+        """True when ``pid`` is the slot's process or runs under it (a wrapper command)."""
+        if slot.process is None:
+            return False
+        if pid == slot.process.pid:
+            return True
+        try:
+            return any(p.pid == slot.process.pid for p in psutil.Process(pid).parents())
+        except psutil.Error:
+            return False
+
+    # -- purge, heartbeats, supervision ----------------------------------------------------------
+    def _purge(self, now: float) -> None:
+        """Expired queued requests, silent workers and hung workers."""
+        queue = self._queue
+        if queue:
+            wall = time.time()
+            keep = collections.deque()
+            for request in queue:
+                if not self._expire(request, wall, now):
+                    keep.append(request)
+            if len(keep) != len(queue):
+                self._queue = queue = keep
+            if self.table.free():
+                self._pump_queue()
+        for slot in self.table.expired(now, self._silence):
+            self._worker_lost(slot, f"sent nothing for {now - slot.last_seen:.1f} s "
+                                    f"(heartbeat interval {self.config.heartbeat_interval:g} s x "
+                                    f"liveness {self.config.heartbeat_liveness})")
+        for slot in self.table.hung(now, self.config.worker_timeout):
+            self._worker_lost(slot, f"held a request for over {self.config.worker_timeout:g} s without "
+                                    f"replying (--worker-timeout)")
+
+    def _send_heartbeats(self, now: float) -> None:
+        if now < self._next_heartbeat:
+            return
+        self._next_heartbeat = now + self.config.heartbeat_interval
+        for slot in self.table:
+            if slot.identity is not None and slot.state in (WorkerState.READY, WorkerState.DRAINING):
+                if not self._send_worker(slot.identity, [MAGIC, W_HEARTBEAT]):
+                    self._worker_lost(slot, "disconnected from the broker")
+
+    def _supervise(self, now: float) -> None:
+        for slot, rc in self.supervisor.reap():
+            if slot.state is not WorkerState.DEAD:
+                log.warning("worker %d (pid %s) exited (%s)", slot.index, slot.pid, describe_exit(rc))
+                self._fail_over(self.table.mark_dead(slot), slot.index)
+            if self._stopping:
+                continue  # no restarts while stopping
+            failure = self.supervisor.on_exit(slot, rc, now)
+            if failure is not None:
+                self._fatal(failure)
+                return
+        if self._stopping:
+            return
+        failure = self.supervisor.boot_overdue(now) or self.supervisor.restart_due(now)
+        if failure is not None:
+            self._fatal(failure)
+
+    def _worker_lost(self, slot: WorkerSlot, why: str) -> None:
+        """Takes a silent, hung or disconnected worker out of service and kills it."""
+        log.warning("worker %d (pid %s) %s; killing it", slot.index, slot.pid, why)
+        orphans = self.table.mark_dead(slot)
+        self.supervisor.kill(slot)
+        self._fail_over(orphans, slot.index)
+
+    def _fail_over(self, orphans: list[DispatchRequest], index: int) -> None:
+        """Retries each request a dead worker held once, on another worker; else answers 503."""
+        if not orphans:
+            return
+        retry_until = time.monotonic() + self.config.boot_timeout
+        retried = 0
+        for request in reversed(orphans):  # appendleft in reverse keeps their order at the front
+            if self._stopping or request.attempt >= 1:
+                again = " (it was already a retry)" if request.attempt >= 1 else ""
+                self._fail(request, UNAVAILABLE, f"worker {index} died while serving the request{again}")
+            else:
+                request.attempt = 1
+                request.died_on = index
+                request.retry_until = retry_until
+                self._queue.appendleft(request)
+                retried += 1
+        log.warning("worker %d held %d request(s): %d retried, %d failed with 503", index, len(orphans),
+                    retried, len(orphans) - retried)
+        self._pump_queue()
+
+    # -- stopping ------------------------------------------------------------------------------
+    def _begin_stop(self) -> None:
+        self._stopping = True
+        self._drain_until = min(self._drain_until, time.monotonic() + self.config.drain_timeout)
+        log.info("stopping: draining %d in-flight and %d queued request(s), up to %g s",
+                 self.table.inflight_count(), len(self._queue), self.config.drain_timeout)
+
+    def _drained(self) -> bool:
+        return not self._queue and self.table.inflight_count() == 0
+
+    def _fatal(self, failure: WorkerFailure) -> None:
+        """Stops the server without draining; the first failure is the one reported."""
+        if self.fatal_error is None:
+            self.fatal_error = failure.message
+            self._exit_code = failure.exit_code or 1
+            log.error("fatal: %s", failure.message)
+        self._stopping = True
+        self._drain_until = -math.inf
+
+    def _shutdown(self) -> None:
+        """Answers whatever is left, stops every worker process, closes the sockets. Never raises."""
+        try:
+            reason = "server is shutting down"
+            if self.fatal_error is not None:
+                reason += f": {self.fatal_error}"
+            pending = list(self._queue)
+            self._queue.clear()
+            for slot in self.table:
+                if slot.identity is not None and slot.state in (WorkerState.READY, WorkerState.DRAINING):
+                    self._send_worker(slot.identity, [MAGIC, W_STOP])
+                pending.extend(self.table.mark_dead(slot))
+            for request in pending:
+                self._fail(request, UNAVAILABLE, reason)
+        except Exception:  # noqa: BLE001
+            log.exception("error while answering pending requests at shutdown")
+        finally:
+            try:
+                self.supervisor.stop_all(STOP_GRACE)
+            finally:
+                self.close()
+        log.info("stopped%s", f" ({self.fatal_error})" if self.fatal_error else "")
+
+    # -- sending -------------------------------------------------------------------------------
+    def _send(self, envelope: Envelope, frames: list[Any]) -> None:
+        self.frontend.send_multipart(envelope.wrap(frames), copy=False)
+
+    def _send_ok(self, envelope: Envelope, request_id: Any, **fields: Any) -> None:
+        self._send(envelope, [MAGIC, msgpack.packb(ok_header(request_id, **fields), use_bin_type=True)])
+
+    def _fail(self, request: DispatchRequest, code: int, message: str) -> None:
+        self._send(request.envelope, error_reply(request.request_id, code, message))
+
+    def _send_worker(self, identity: bytes, frames: list[Any]) -> bool:
+        try:
+            self.backend.send_multipart([identity, *frames])
+            return True
+        except zmq.ZMQError as exc:
+            if exc.errno != errno.EHOSTUNREACH:
+                raise
+            return False
+
+
+def check_tensors(metas: Any, payload: Sequence[Any]) -> None:
+    """The checks protocol.decode_tensors makes, without decoding: entries well formed, one frame
+    each, frame sizes matching dtype x shape. The worker checks names, dtypes and shapes against the
+    signature; the broker only refuses what no worker could read."""
+    if metas is None:
+        metas = []
+    if not isinstance(metas, list):
+        raise InvalidArgument("'inputs' must be a list of tensor entries")
+    if len(metas) != len(payload):
+        raise InvalidArgument(f"header lists {len(metas)} inputs but the message carries "
+                              f"{len(payload)} payload frames")
+    seen: set[str] = set()
+    for meta, frame in zip(metas, payload):
+        if not isinstance(meta, dict):
+            raise InvalidArgument("tensor entry must be a map with name, dtype and shape")
+        name, dt, shape = meta.get("name"), meta.get("dtype"), meta.get("shape")
+        if not isinstance(name, str):
+            raise InvalidArgument("tensor entry has no string 'name'")
+        if name in seen:
+            raise InvalidArgument(f"input '{name}' is given twice")
+        seen.add(name)
+        if dt not in ALL_DTYPES:
+            raise InvalidArgument(f"tensor '{name}': unknown dtype {dt!r} (supported: {', '.join(ALL_DTYPES)})")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                  for d in shape):
+            raise InvalidArgument(f"tensor '{name}': shape must be a list of non-negative integers, got {shape!r}")
+        count = math.prod(shape)
+        size = len(frame)
+        if dt == STRING:
+            items = _msgpack_array_len(frame) if size else 0
+            if items != count:
+                raise InvalidArgument(f"tensor '{name}': string payload has "
+                                      f"{'no array of' if items is None else items} elements, "
+                                      f"shape {shape} needs {count}")
+        elif size != count * DTYPES[dt].itemsize:
+            raise InvalidArgument(f"tensor '{name}': payload is {size} bytes, {dt}{shape} needs "
+                                  f"{count * DTYPES[dt].itemsize}")
+
+
+def _msgpack_array_len(frame: Any) -> int | None:
+    """The element count in a msgpack array header, or None when the frame is not an array."""
+    buf = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
+    first = buf[0]
+    if 0x90 <= first <= 0x9F:
+        return first & 0x0F
+    if first == 0xDC and len(buf) >= 3:
+        return int.from_bytes(buf[1:3], "big")
+    if first == 0xDD and len(buf) >= 5:
+        return int.from_bytes(buf[1:5], "big")
+    return None
+
+
+def _deadline(timeout_ms: Any) -> float | None:
+    """Absolute time.time() deadline from the client's timeout_ms; 504 when already passed."""
+    if timeout_ms is None:
+        return None
+    if isinstance(timeout_ms, bool) or not isinstance(timeout_ms, (int, float)) or timeout_ms != timeout_ms:
+        raise InvalidArgument(f"'timeout_ms' must be a number of milliseconds, got {timeout_ms!r}")
+    if timeout_ms <= 0:
+        raise DeadlineExceeded(f"deadline exceeded before the request reached the server "
+                               f"(timeout_ms={timeout_ms})")
+    if math.isinf(timeout_ms):
+        return None
+    return time.time() + timeout_ms / 1000.0
+
+
+def _peek_id(msg: Sequence[Any]) -> Any:
+    """The request id of an oversized message, when its header is small enough to read."""
+    try:
+        if len(msg) >= 2 and len(msg[1]) <= 65536:
+            header, _ = unpack_header(msg[:2])
+            return header.get("id")
+    except Exception:  # noqa: BLE001 - best effort only
+        pass
+    return None
+
+
+def _names(d: Any) -> str:
+    return ", ".join(sorted(str(k) for k in d)) or "(none)"
+
+
+__all__ = ["Broker", "BindError", "check_tensors"]

@@ -1,0 +1,241 @@
+"""Worker processes: spawn, reap, restart at the same index, and stop them all.
+
+gunicorn's arbiter, trimmed: a worker that dies is replaced at its index with its cores; a worker
+that says it can never boot (EXIT_BOOT_ERROR, EXIT_MODEL_ERROR), does not become READY within
+boot_timeout, or dies over and over is a fatal error for the whole server, never a restart loop.
+The supervisor owns processes and restart history; slot state changes go through the WorkerTable.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from sgserve.broker.worker_table import WorkerSlot, WorkerState, WorkerTable
+from sgserve.config import EXIT_BOOT_ERROR, EXIT_MODEL_ERROR, ModelSpec, ServerConfig, WorkerSpec
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WORKER_COMMAND: tuple[str, ...] = (sys.executable, "-m", "sgserve.worker")
+MAX_DEATHS = 5  # deaths of one index tolerated within DEATH_WINDOW seconds; one more is fatal
+DEATH_WINDOW = 60.0
+RESTART_BACKOFF_MAX = 2.0  # seconds; repeated deaths wait 0, 0.2, 0.4, ... before the restart
+STOP_GRACE = 5.0  # seconds a worker has to exit after W_STOP before SIGTERM
+TERM_GRACE = 2.0  # seconds after SIGTERM before SIGKILL
+
+_EXIT_MEANING = {
+    EXIT_BOOT_ERROR: "it cannot boot (EXIT_BOOT_ERROR)",
+    EXIT_MODEL_ERROR: "it cannot load the model (EXIT_MODEL_ERROR)",
+}
+
+
+@dataclasses.dataclass
+class WorkerFailure:
+    """A failure the server must stop for, with the exit code ``Broker.run`` returns."""
+
+    message: str
+    exit_code: int = 1
+
+
+def describe_exit(rc: int) -> str:
+    if rc < 0:
+        try:
+            return f"killed by {signal.Signals(-rc).name}"
+        except ValueError:
+            return f"killed by signal {-rc}"
+    return f"exit code {rc}"
+
+
+def assign_cores(workers: int, cpus_per_worker: int, cpus: Sequence[int] | None = None,
+                 allow_oversubscribe: bool = False) -> list[list[int]]:
+    """Disjoint core sets, worker i gets the i-th run of ``cpus_per_worker`` usable cores."""
+    if cpus_per_worker < 1:
+        raise ValueError(f"--cpus-per-worker must be at least 1, got {cpus_per_worker}")
+    if cpus is None:
+        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    cpus = list(cpus)
+    need = workers * cpus_per_worker
+    if need > len(cpus) and not allow_oversubscribe:
+        raise ValueError(f"{workers} workers x {cpus_per_worker} cpus need {need} cores, but this process "
+                         f"may use {len(cpus)} ({cpus}); lower --workers or --cpus-per-worker, or pass "
+                         f"--allow-oversubscribe")
+    return [[cpus[(i * cpus_per_worker + j) % len(cpus)] for j in range(cpus_per_worker)]
+            for i in range(workers)]
+
+
+def worker_env() -> dict[str, str]:
+    """The environment for workers: ours, with this sgserve importable even when not installed."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[2])
+    old = env.get("PYTHONPATH")
+    parts = old.split(os.pathsep) if old else []
+    if root not in parts:
+        env["PYTHONPATH"] = os.pathsep.join([root] + parts)
+    return env
+
+
+class Supervisor:
+    """Starts worker processes at table slots and decides what a death means."""
+
+    def __init__(self, config: ServerConfig, models: Sequence[ModelSpec], table: WorkerTable, *,
+                 backend_endpoint: str, server_id: str, command: Sequence[str] | None = None) -> None:
+        self.config = config
+        self.table = table
+        self.backend_endpoint = backend_endpoint
+        self.server_id = server_id
+        self.command = list(command) if command else list(DEFAULT_WORKER_COMMAND)
+        self._models = [m.to_dict() for m in models]
+        self._env = worker_env()
+        self._procs: set[subprocess.Popen] = set()  # every process spawned and not yet reaped
+        self._deaths: dict[int, collections.deque[float]] = collections.defaultdict(collections.deque)
+        self._restart_at: dict[int, float] = {}
+        self.stopping = False
+
+    def worker_spec(self, slot: WorkerSlot) -> WorkerSpec:
+        return WorkerSpec(
+            index=slot.index,
+            cores=list(slot.cores),
+            backend=self.backend_endpoint,
+            models=self._models,
+            intra_op_threads=self.config.intra_threads(),
+            inter_op_threads=self.config.inter_threads(),
+            heartbeat_interval=self.config.heartbeat_interval,
+            server_id=self.server_id,
+        )
+
+    def spawn(self, slot: WorkerSlot, now: float | None = None) -> WorkerFailure | None:
+        argv = [*self.command, self.worker_spec(slot).to_json()]
+        try:
+            proc = subprocess.Popen(argv, env=self._env, stdin=subprocess.DEVNULL, close_fds=True,
+                                    start_new_session=False)
+        except OSError as exc:
+            return WorkerFailure(f"cannot start worker {slot.index} ({self.command[0]!r}): {exc}",
+                                 EXIT_BOOT_ERROR)
+        self._procs.add(proc)
+        self.table.spawned(slot, proc, now)
+        log.info("worker %d: spawned pid %d on cores %s%s", slot.index, proc.pid, slot.cores,
+                 f" (restart {slot.restarts})" if slot.restarts else "")
+        return None
+
+    def start_all(self) -> WorkerFailure | None:
+        for slot in self.table:
+            failure = self.spawn(slot)
+            if failure is not None:
+                return failure
+        return None
+
+    def reap(self) -> list[tuple[WorkerSlot, int]]:
+        """(slot, exit code) for each worker process that exited since the last call."""
+        exited = []
+        for slot in self.table:
+            proc = slot.process
+            if proc is not None:
+                rc = proc.poll()
+                if rc is not None:
+                    self._procs.discard(proc)
+                    self.table.process_gone(slot)
+                    exited.append((slot, rc))
+        return exited
+
+    def on_exit(self, slot: WorkerSlot, rc: int, now: float) -> WorkerFailure | None:
+        """Schedules a restart at the same index, or says why the server must stop instead."""
+        if self.stopping:
+            return None
+        what = f"worker {slot.index} (pid {slot.pid})"
+        if rc in _EXIT_MEANING:
+            return WorkerFailure(f"{what} exited with code {rc}: {_EXIT_MEANING[rc]}; not restarting it "
+                                 f"(see the worker's log above)", rc)
+        deaths = self._deaths[slot.index]
+        deaths.append(now)
+        while deaths and now - deaths[0] > DEATH_WINDOW:
+            deaths.popleft()
+        if len(deaths) > MAX_DEATHS:
+            return WorkerFailure(f"{what} died {len(deaths)} times in {DEATH_WINDOW:.0f} s (last: "
+                                 f"{describe_exit(rc)}); giving up rather than restarting it in a loop")
+        delay = 0.0 if len(deaths) <= 1 else min(0.1 * 2 ** (len(deaths) - 1), RESTART_BACKOFF_MAX)
+        log.warning("%s exited (%s); restarting it%s", what, describe_exit(rc),
+                    f" in {delay:.1f} s" if delay else "")
+        self._restart_at[slot.index] = now + delay
+        return None
+
+    def restart_due(self, now: float) -> WorkerFailure | None:
+        for index, when in list(self._restart_at.items()):
+            if now >= when:
+                del self._restart_at[index]
+                slot = self.table.get(index)
+                if slot is not None and slot.state is WorkerState.DEAD and slot.process is None:
+                    failure = self.spawn(slot, now)
+                    if failure is not None:
+                        return failure
+        return None
+
+    def boot_overdue(self, now: float) -> WorkerFailure | None:
+        for slot in self.table.overdue(now, self.config.boot_timeout):
+            self.kill(slot)
+            return WorkerFailure(f"worker {slot.index} (pid {slot.pid}) was not READY within "
+                                 f"{self.config.boot_timeout:g} s (--boot-timeout); stopping", EXIT_BOOT_ERROR)
+        return None
+
+    def kill(self, slot: WorkerSlot) -> None:
+        """SIGKILL for a hung or silent worker; the next reap() sees it exit and restarts it."""
+        proc = slot.process
+        if proc is not None and proc.poll() is None:
+            try:
+                proc.kill()
+            except OSError:
+                pass
+
+    def stop_all(self, grace: float = STOP_GRACE, term_grace: float = TERM_GRACE) -> None:
+        """Waits for every worker to exit (the broker has sent W_STOP), then SIGTERM, then SIGKILL.
+
+        Workers still booting cannot hear W_STOP, so they get SIGTERM at once.
+        """
+        self.stopping = True
+        self._restart_at.clear()
+        procs = set(self._procs)
+        for slot in self.table:
+            if slot.process is not None:
+                procs.add(slot.process)
+                if slot.state is WorkerState.STARTING or slot.identity is None:
+                    _signal(slot.process, signal.SIGTERM)
+        alive = _wait(procs, grace)
+        for proc in alive:
+            log.warning("worker pid %d did not exit %.1f s after W_STOP; sending SIGTERM", proc.pid, grace)
+            _signal(proc, signal.SIGTERM)
+        alive = _wait(alive, term_grace)
+        for proc in alive:
+            log.warning("worker pid %d ignored SIGTERM; sending SIGKILL", proc.pid)
+            _signal(proc, signal.SIGKILL)
+        for proc in alive:
+            try:
+                proc.wait(timeout=5.0)
+            except subprocess.TimeoutExpired:
+                log.error("worker pid %d survived SIGKILL", proc.pid)
+        for slot in self.table:
+            self.table.process_gone(slot)
+        self._procs.clear()
+
+
+def _signal(proc: subprocess.Popen, sig: int) -> None:
+    if proc.poll() is None:
+        try:
+            proc.send_signal(sig)
+        except OSError:
+            pass
+
+
+def _wait(procs: Iterable[subprocess.Popen], timeout: float) -> list[subprocess.Popen]:
+    """The processes still running after up to ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    alive = [p for p in procs if p.poll() is None]
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.01)
+        alive = [p for p in alive if p.poll() is None]
+    return alive

@@ -1,0 +1,247 @@
+"""The broker's view of its workers: one WorkerSlot per index, owned by one WorkerTable.
+
+Only WorkerTable's methods change a slot, so the invariants (a request id is in flight on exactly
+one slot; the free list holds exactly the READY slots with capacity) live in one place. Everyone
+else, dispatch policies included, reads slots and never writes them.
+"""
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import enum
+import logging
+import subprocess
+import time
+from typing import TYPE_CHECKING, Iterator, Sequence
+
+if TYPE_CHECKING:
+    from sgserve.broker.policies import DispatchRequest
+
+log = logging.getLogger(__name__)
+
+
+class WorkerState(str, enum.Enum):
+    STARTING = "STARTING"  # process spawned, READY not received yet
+    READY = "READY"  # connected and serving
+    DRAINING = "DRAINING"  # told to stop (W_STOP): finishes what it holds, takes nothing new
+    DEAD = "DEAD"  # exited, expired or hung; waiting for the supervisor to replace it
+
+
+@dataclasses.dataclass(eq=False)
+class WorkerSlot:
+    """One worker index. The slot outlives its processes: a restart reuses index and cores."""
+
+    index: int
+    cores: list[int]
+    identity: bytes | None = None  # the worker's DEALER identity, f"w{index}-{pid}"
+    pid: int | None = None
+    process: subprocess.Popen | None = None
+    state: WorkerState = WorkerState.DEAD
+    inflight: dict[bytes, "DispatchRequest"] = dataclasses.field(default_factory=dict)
+    served: int = 0
+    restarts: int = 0
+    last_seen: float = 0.0  # monotonic time of the worker's last message of any kind
+    last_progress: float = 0.0  # monotonic time of its last reply (or READY): hang detection
+    started_at: float = 0.0  # monotonic time the current process was spawned
+    spawned: int = 0  # processes started at this index so far
+
+    @property
+    def load(self) -> int:
+        return len(self.inflight)
+
+    def describe(self) -> str:
+        return f"worker {self.index} (pid {self.pid})"
+
+
+class WorkerTable:
+    """All worker slots, the request-id index and the free list.
+
+    ``free()`` is maintained incrementally (not recomputed per request), sorted by index, so
+    dispatch costs no per-request scan of the table beyond what the policy itself does.
+    """
+
+    def __init__(self, size: int, pipeline: int) -> None:
+        if size < 1:
+            raise ValueError(f"a server needs at least one worker, got {size}")
+        if pipeline < 1:
+            raise ValueError(f"worker_pipeline must be at least 1, got {pipeline}")
+        self.size = size
+        self.pipeline = pipeline
+        self._slots: list[WorkerSlot | None] = [None] * size
+        self._by_identity: dict[bytes, WorkerSlot] = {}
+        self._by_rid: dict[bytes, WorkerSlot] = {}
+        self._free: list[WorkerSlot] = []
+        self._free_view: tuple[WorkerSlot, ...] | None = ()
+
+    # -- reading -----------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[WorkerSlot]:
+        return (s for s in self._slots if s is not None)
+
+    def __len__(self) -> int:
+        return sum(1 for s in self._slots if s is not None)
+
+    def get(self, index: int) -> WorkerSlot | None:
+        if 0 <= index < self.size:
+            return self._slots[index]
+        return None
+
+    def by_identity(self, identity: bytes) -> WorkerSlot | None:
+        return self._by_identity.get(identity)
+
+    def holder(self, rid: bytes) -> WorkerSlot | None:
+        return self._by_rid.get(rid)
+
+    def free(self) -> Sequence[WorkerSlot]:
+        """READY slots with capacity, sorted by index (a tuple: policies cannot edit it)."""
+        view = self._free_view
+        if view is None:
+            view = self._free_view = tuple(self._free)
+        return view
+
+    def has_capacity(self, slot: WorkerSlot) -> bool:
+        return slot.state is WorkerState.READY and len(slot.inflight) < self.pipeline
+
+    def inflight_count(self) -> int:
+        return len(self._by_rid)
+
+    def all_ready(self) -> bool:
+        return all(s is not None and s.state is WorkerState.READY for s in self._slots)
+
+    def expired(self, now: float, silence: float) -> list[WorkerSlot]:
+        """Idle connected workers that have said nothing for ``silence`` seconds."""
+        return [s for s in self if s.state in (WorkerState.READY, WorkerState.DRAINING)
+                and not s.inflight and now - s.last_seen > silence]
+
+    def hung(self, now: float, timeout: float) -> list[WorkerSlot]:
+        """Workers holding requests that made no progress for ``timeout`` seconds.
+
+        Progress is a reply; the clock starts at the later of the last reply and the dispatch of the
+        oldest request held, so a request queued behind a slow one is not counted twice.
+        """
+        out = []
+        for s in self:
+            if s.inflight and s.state is not WorkerState.DEAD:
+                oldest = next(iter(s.inflight.values()))
+                if now - max(oldest.sent_at, s.last_progress) > timeout:
+                    out.append(s)
+        return out
+
+    def overdue(self, now: float, boot_timeout: float) -> list[WorkerSlot]:
+        """Workers still STARTING ``boot_timeout`` seconds after their spawn."""
+        return [s for s in self if s.state is WorkerState.STARTING and now - s.started_at > boot_timeout]
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def add(self, index: int, cores: list[int]) -> WorkerSlot:
+        if not 0 <= index < self.size:
+            raise ValueError(f"worker index {index} is outside 0..{self.size - 1}")
+        if self._slots[index] is not None:
+            raise ValueError(f"worker index {index} already has a slot")
+        slot = WorkerSlot(index=index, cores=list(cores))
+        self._slots[index] = slot
+        return slot
+
+    def spawned(self, slot: WorkerSlot, process: subprocess.Popen, now: float | None = None) -> None:
+        """A new process now runs at this slot's index; it is STARTING until it says READY."""
+        if slot.state is not WorkerState.DEAD:
+            raise ValueError(f"worker {slot.index} is {slot.state.value}; only a DEAD slot can be respawned")
+        now = time.monotonic() if now is None else now
+        if slot.spawned:
+            slot.restarts += 1
+        slot.spawned += 1
+        slot.process = process
+        slot.pid = process.pid
+        slot.identity = None
+        slot.state = WorkerState.STARTING
+        slot.started_at = now
+        slot.last_seen = now
+        slot.last_progress = now
+
+    def mark_ready(self, slot: WorkerSlot, identity: bytes, pid: int, now: float) -> None:
+        if slot.state is not WorkerState.STARTING:
+            raise ValueError(f"worker {slot.index} is {slot.state.value}, not STARTING")
+        slot.identity = identity
+        slot.pid = pid
+        slot.state = WorkerState.READY
+        slot.last_seen = now
+        slot.last_progress = now
+        self._by_identity[identity] = slot
+        self._set_free(slot)
+
+    def seen(self, slot: WorkerSlot, now: float) -> None:
+        slot.last_seen = now
+
+    def mark_busy(self, slot: WorkerSlot, request: "DispatchRequest") -> None:
+        """Records that ``slot`` now holds ``request`` (the broker has just sent it)."""
+        if not self.has_capacity(slot):
+            raise ValueError(f"worker {slot.index} cannot take a request: {slot.state.value}, "
+                             f"{len(slot.inflight)} of {self.pipeline} in flight")
+        slot.inflight[request.rid] = request
+        self._by_rid[request.rid] = slot
+        if len(slot.inflight) >= self.pipeline:
+            self._set_free(slot)
+
+    def mark_idle(self, rid: bytes, identity: bytes, now: float) -> "DispatchRequest | None":
+        """The request ``rid`` came back from the worker ``identity``; None when it is not ours.
+
+        A reply for an unknown id (a request already failed over, or one from a worker we declared
+        dead) is dropped by the caller.
+        """
+        slot = self._by_rid.get(rid)
+        if slot is None or slot.identity != identity:
+            return None
+        del self._by_rid[rid]
+        request = slot.inflight.pop(rid)
+        slot.served += 1
+        slot.last_seen = now
+        slot.last_progress = now
+        if len(slot.inflight) == self.pipeline - 1:
+            self._set_free(slot)
+        return request
+
+    def mark_draining(self, slot: WorkerSlot) -> None:
+        if slot.state is WorkerState.READY:
+            slot.state = WorkerState.DRAINING
+            self._set_free(slot)
+
+    def mark_dead(self, slot: WorkerSlot) -> list["DispatchRequest"]:
+        """Takes the slot out of service; returns the requests it held, for the caller to fail over."""
+        orphans = list(slot.inflight.values())
+        for rid in slot.inflight:
+            self._by_rid.pop(rid, None)
+        slot.inflight.clear()
+        if slot.identity is not None:
+            self._by_identity.pop(slot.identity, None)
+        slot.state = WorkerState.DEAD
+        self._set_free(slot)
+        return orphans
+
+    def process_gone(self, slot: WorkerSlot) -> None:
+        """The slot's process was reaped; the slot keeps its pid for the record."""
+        slot.process = None
+
+    def remove(self, index: int) -> WorkerSlot:
+        """Forgets a slot entirely (its requests must have been failed over first)."""
+        slot = self._slots[index]
+        if slot is None:
+            raise ValueError(f"worker index {index} has no slot")
+        if slot.state is not WorkerState.DEAD:
+            self.mark_dead(slot)
+        self._slots[index] = None
+        return slot
+
+    # -- the free list -----------------------------------------------------------------------
+    def _set_free(self, slot: WorkerSlot) -> None:
+        """Puts ``slot`` in or out of the free list to match its state and load."""
+        want = self.has_capacity(slot)
+        pos = bisect.bisect_left(self._free, slot.index, key=_index)
+        present = pos < len(self._free) and self._free[pos] is slot
+        if want and not present:
+            self._free.insert(pos, slot)
+            self._free_view = None
+        elif present and not want:
+            del self._free[pos]
+            self._free_view = None
+
+
+def _index(slot: WorkerSlot) -> int:
+    return slot.index

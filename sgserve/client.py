@@ -1,0 +1,204 @@
+"""The Python client: numpy arrays in, numpy arrays out, typed errors, never an endless wait.
+
+One DEALER socket per thread (ZeroMQ sockets must not be shared between threads), so a Client can
+be used from many threads at once. Each request carries a fresh id; a reply with another id (a late
+answer to an earlier request that timed out) is discarded. After a timeout the thread's socket is
+closed and replaced, so a request that never got through is not delivered later (Lazy Pirate).
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import threading
+import time
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import zmq
+
+from sgserve.errors import (DEADLINE_EXCEEDED, OK, UNAVAILABLE, DeadlineExceeded, Internal, InvalidArgument,
+                            ServeError, error_from_code)
+from sgserve.protocol import (METADATA, PING, PREDICT, SHUTDOWN, STATUS, decode_tensors, default_endpoint,
+                              pack, unpack_header)
+
+DEFAULT_WAIT = 60.0  # seconds to wait for a reply when no timeout is given: no call waits forever
+REPLY_GRACE = 0.5  # seconds past the request's own deadline for the server's 504 to arrive
+PING_WAIT = 5.0  # seconds ping() waits when no timeout is given
+
+RoutingKey = int | str | bytes
+
+
+@dataclasses.dataclass
+class PredictResult:
+    """A predict reply with where and how fast it was served."""
+
+    outputs: dict[str, np.ndarray]
+    model: str
+    version: int
+    worker: int
+    latency_s: float
+
+
+class Client:
+    """A thread-safe client for one sgserve endpoint.
+
+    ``timeout`` (seconds) is the default for every call: it travels with the request as
+    ``timeout_ms`` (so the server does not run a request nobody waits for) and bounds the wait.
+    """
+
+    def __init__(self, endpoint: str | None = None, *, timeout: float | None = None) -> None:
+        self.endpoint = endpoint or default_endpoint()
+        self.timeout = timeout
+        self._ctx = zmq.Context()
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._sockets: set[zmq.Socket] = set()
+        self._ids = itertools.count(1)
+        self._prefix = os.getpid()  # ids stay distinct if the client is forked
+        self._closed = False
+
+    # -- requests ------------------------------------------------------------------------------
+    def predict(self, model: str, inputs: Mapping[str, np.ndarray], *, version: int | None = None,
+                signature: str | None = None, output_filter: Sequence[str] | None = None,
+                routing_key: RoutingKey | None = None, timeout: float | None = None) -> dict[str, np.ndarray]:
+        """Runs ``model`` on ``inputs``; returns its outputs by name."""
+        return self.predict_full(model, inputs, version=version, signature=signature,
+                                 output_filter=output_filter, routing_key=routing_key, timeout=timeout).outputs
+
+    def predict_full(self, model: str, inputs: Mapping[str, np.ndarray], *, version: int | None = None,
+                     signature: str | None = None, output_filter: Sequence[str] | None = None,
+                     routing_key: RoutingKey | None = None, timeout: float | None = None) -> PredictResult:
+        """Like predict, plus the version and worker that served it and the round-trip time.
+
+        Output arrays are read-only views of the received message (no copy); copy one to modify it.
+        """
+        header: dict[str, Any] = {"type": PREDICT, "model": model}
+        if version is not None:
+            header["version"] = int(version)
+        if signature is not None:
+            header["signature"] = signature
+        if output_filter is not None:
+            header["output_filter"] = list(output_filter)
+        if routing_key is not None:
+            header["routing_key"] = routing_key
+        started = time.perf_counter()
+        reply, payload = self._call(header, dict(inputs), timeout)
+        latency = time.perf_counter() - started
+        outputs = decode_tensors(reply.get("outputs"), payload, "outputs")
+        return PredictResult(outputs=outputs, model=reply.get("model", model),
+                             version=reply.get("version", version), worker=reply.get("worker", -1),
+                             latency_s=latency)
+
+    def metadata(self, model: str, version: int | None = None, *, timeout: float | None = None) -> dict[str, Any]:
+        """{"model", "version", "versions", "signatures"} as the server describes them."""
+        header: dict[str, Any] = {"type": METADATA, "model": model}
+        if version is not None:
+            header["version"] = int(version)
+        reply, _ = self._call(header, None, timeout)
+        return _body(reply)
+
+    def status(self, *, timeout: float | None = None) -> dict[str, Any]:
+        """{"server", "workers", "models"}: what the server runs and how it is doing."""
+        reply, _ = self._call({"type": STATUS}, None, timeout)
+        return _body(reply)
+
+    def ping(self, *, timeout: float | None = None) -> bool:
+        """True when the server answers; False when it does not in time or is shutting down."""
+        wait = timeout if timeout is not None else (self.timeout if self.timeout is not None else PING_WAIT)
+        try:
+            self._call({"type": PING}, None, wait)
+        except ServeError as exc:
+            if exc.code in (UNAVAILABLE, DEADLINE_EXCEEDED):
+                return False
+            raise
+        return True
+
+    def shutdown(self, *, timeout: float | None = None) -> None:
+        """Asks the server to stop gracefully (it drains in-flight requests first)."""
+        self._call({"type": SHUTDOWN}, None, timeout)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def close(self) -> None:
+        """Closes every thread's socket. Call it once the threads using this client are done."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            sockets, self._sockets = self._sockets, set()
+        for sock in sockets:
+            sock.close(linger=0)
+        self._ctx.term()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Client({self.endpoint!r}, timeout={self.timeout!r})"
+
+    # -- internals -----------------------------------------------------------------------------
+    def _socket(self) -> zmq.Socket:
+        sock = getattr(self._local, "socket", None)
+        if sock is not None:
+            return sock
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("this Client is closed")
+            sock = self._ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(self.endpoint)
+            self._sockets.add(sock)
+        self._local.socket = sock
+        return sock
+
+    def _drop_socket(self, sock: zmq.Socket) -> None:
+        self._local.socket = None
+        with self._lock:
+            self._sockets.discard(sock)
+        sock.close(linger=0)
+
+    def _call(self, header: dict[str, Any], tensors: dict[str, np.ndarray] | None,
+              timeout: float | None) -> tuple[dict[str, Any], list[Any]]:
+        """Sends one request and waits for its reply; raises the typed error for a non-200 code."""
+        if timeout is None:
+            timeout = self.timeout
+        if timeout is not None:
+            if timeout <= 0:
+                raise InvalidArgument(f"timeout must be positive, got {timeout!r}")
+            header["timeout_ms"] = timeout * 1000.0
+            wait = timeout + REPLY_GRACE
+        else:
+            wait = DEFAULT_WAIT
+        request_id = [self._prefix, next(self._ids)]
+        header["id"] = request_id
+        frames = pack(header, tensors)
+        sock = self._socket()
+        sock.send_multipart(frames, copy=False)
+        deadline = time.monotonic() + wait
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not sock.poll(left * 1000.0, zmq.POLLIN):
+                self._drop_socket(sock)
+                raise DeadlineExceeded(f"no reply from {self.endpoint} within {wait:g} s "
+                                       f"(is the server running?)")
+            reply_frames = sock.recv_multipart(copy=False)
+            try:
+                reply, payload = unpack_header(reply_frames)
+            except ServeError as exc:
+                raise Internal(f"malformed reply from {self.endpoint}: {exc.message}") from None
+            if reply.get("id") != request_id:
+                continue  # a late reply to an earlier request that timed out
+            code = reply.get("code")
+            if code != OK:
+                raise error_from_code(code if isinstance(code, int) else 500, str(reply.get("message", "")))
+            return reply, payload
+
+
+def _body(reply: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in reply.items() if k not in ("id", "code", "message")}
+
+
+__all__ = ["Client", "PredictResult", "DEFAULT_WAIT"]
