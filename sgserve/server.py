@@ -12,7 +12,7 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
+import shutil
 from typing import Callable
 
 from sgserve import shared_segment
@@ -40,6 +40,24 @@ def check_cores(config: ServerConfig) -> list[int]:
             f"{len(cores)} available to sgserve (cores {','.join(map(str, cores))}). Use fewer workers or cores "
             f"per worker, or pass --allow-oversubscribe to share cores between workers.")
     return cores
+
+
+def check_endpoint_free(endpoint: str) -> None:
+    """Fails fast when a tcp endpoint's port is taken, before minutes of model loading."""
+    import socket  # noqa: PLC0415
+
+    if not endpoint.startswith("tcp://"):
+        return
+    host, _, port = endpoint[len("tcp://"):].rpartition(":")
+    if not port.isdigit() or host in ("*", ""):
+        return
+    host = host.strip("[]")
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(fam, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, int(port)))
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {endpoint}: {exc.strerror} (is another server running there?)") from None
 
 
 def load_model(config: ServerConfig, sid: str) -> ModelSpec:
@@ -85,7 +103,12 @@ def run(config: ServerConfig, *, worker_command: list[str] | None = None,
     check_cores(config)
     shared_segment.remove_stale_segments()
     sid = shared_segment.server_id()
-    runtime_dir = tempfile.mkdtemp(prefix="sgserve-")
+    check_endpoint_free(config.endpoint)
+    from sgserve.broker.policies import load_policy  # noqa: PLC0415
+
+    load_policy(config.policy)  # a bad --policy fails now, not after a long model load
+    runtime_dir = shared_segment.runtime_dir(sid)
+    os.makedirs(runtime_dir, mode=0o700, exist_ok=True)
     broker = None
 
     def on_signal(signum, _frame):
@@ -120,9 +143,4 @@ def run(config: ServerConfig, *, worker_command: list[str] | None = None,
         for s, h in old.items():
             signal.signal(s, h)
         remove_own_segments(sid)
-        try:
-            for f in os.listdir(runtime_dir):
-                os.unlink(os.path.join(runtime_dir, f))
-            os.rmdir(runtime_dir)
-        except OSError:
-            pass
+        shutil.rmtree(runtime_dir, ignore_errors=True)

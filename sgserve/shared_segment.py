@@ -82,9 +82,30 @@ def remove_stale_segments() -> list[str]:
         if not _owner_alive(name):
             unlink(name)
             removed.append(name)
+    removed += remove_stale_runtime_dirs()
     if removed:
-        log.warning("removed %d shared-memory segment(s) left by a server that is gone: %s",
+        log.warning("removed %d shared-memory segment(s) or runtime dir(s) left by a server that is gone: %s",
                     len(removed), ", ".join(removed))
+    return removed
+
+
+def runtime_dir(sid: str) -> str:
+    """Where a server keeps its broker<->worker ipc socket: named after the server, like segments."""
+    import tempfile  # noqa: PLC0415
+
+    return os.path.join(tempfile.gettempdir(), f"{SEGMENT_PREFIX}{sid}")
+
+
+def remove_stale_runtime_dirs() -> list[str]:
+    import shutil  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+
+    removed = []
+    tmp = tempfile.gettempdir()
+    for entry in os.listdir(tmp):
+        if entry.startswith(SEGMENT_PREFIX) and not _owner_alive(entry + "_"):
+            shutil.rmtree(os.path.join(tmp, entry), ignore_errors=True)
+            removed.append(os.path.join(tmp, entry))
     return removed
 
 
@@ -93,6 +114,8 @@ def unlink(name: str) -> None:
         posix_ipc.unlink_shared_memory(name)
     except posix_ipc.ExistentialError:
         pass
+    except posix_ipc.PermissionsError as exc:  # another user's server: not ours to remove
+        log.warning("cannot remove shared-memory segment %s: %s", name, exc)
 
 
 class SegmentWriter:

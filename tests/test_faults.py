@@ -123,7 +123,8 @@ def test_bad_model_directory_at_start(tmp_path, models_dir, setup, fragment):
     r = cli("start", "--model-base-path", str(base), "--endpoint", "tcp://127.0.0.1:1")
     assert r.returncode == 2, r.stderr
     assert fragment in r.stderr, r.stderr
-    assert not (sgserve_segments() - before), "a failed start left a segment"
+    # Only this start's model ("m"): other servers may run on the machine meanwhile.
+    assert not {n for n in sgserve_segments() - before if "_m_" in n}, "a failed start left a segment"
 
 
 def test_more_cores_than_the_machine_is_refused():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import time
 from typing import Any
@@ -33,6 +34,8 @@ class WorkerProcess:
     def boot(self) -> int:
         spec = self.spec
         pinning.die_with_parent()
+        # Ctrl-C reaches the whole process group; the broker drains and then sends W_STOP.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         self.parent = os.getppid()
         try:
             pinning.pin(spec.cores)
@@ -77,6 +80,11 @@ class WorkerProcess:
             arrays = protocol.decode_tensors(header.get("inputs"), payload)
             outputs = runner.run(arrays, header.get("output_filter"))
             self.served += 1
+            try:
+                protocol.pack({}, outputs, key="outputs")
+            except ServeError as exc:
+                return protocol.error_reply(rid, INTERNAL, f"output cannot be sent: {exc.message}",
+                                            worker=self.spec.index)
             return protocol.pack(protocol.ok_header(rid, model=model, version=version, worker=self.spec.index),
                                  outputs, key="outputs")
         except ServeError as exc:
@@ -116,7 +124,8 @@ class WorkerProcess:
                             header = {}
                         reply = self.handle(header, frames[4:])
                         sock.send_multipart([protocol.MAGIC, protocol.W_REPLY, rid] + reply[1:], copy=False)
-                        last_sent = time.monotonic()
+                        # Time spent running a request is not broker silence.
+                        last_sent = last_heard = time.monotonic()
                     elif cmd == protocol.W_STOP:
                         log.info("stopping after %d requests", self.served)
                         return EXIT_OK
