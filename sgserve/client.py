@@ -23,7 +23,7 @@ from sgserve.protocol import (METADATA, PING, PREDICT, SHUTDOWN, STATUS, decode_
                               pack, unpack_header)
 
 DEFAULT_WAIT = 60.0  # seconds to wait for a reply when no timeout is given: no call waits forever
-REPLY_GRACE = 0.5  # seconds past the request's own deadline for the server's 504 to arrive
+REPLY_GRACE = 0.5  # at most this long past the request's deadline for the server's own 504 to arrive
 PING_WAIT = 5.0  # seconds ping() waits when no timeout is given
 
 RoutingKey = int | str | bytes
@@ -169,7 +169,7 @@ class Client:
             if timeout <= 0:
                 raise InvalidArgument(f"timeout must be positive, got {timeout!r}")
             header["timeout_ms"] = timeout * 1000.0
-            wait = timeout + REPLY_GRACE
+            wait = timeout + min(REPLY_GRACE, 0.05 + timeout / 2)
         else:
             wait = DEFAULT_WAIT
         request_id = [self._prefix, next(self._ids)]

@@ -26,7 +26,7 @@ import psutil
 import zmq
 
 from sgserve.broker.policies import DispatchPolicy, DispatchRequest, load_policy
-from sgserve.broker.supervisor import STOP_GRACE, Supervisor, WorkerFailure, assign_cores, describe_exit
+from sgserve.broker.supervisor import STOP_GRACE, Supervisor, Fatal, assign_cores
 from sgserve.broker.worker_table import WorkerSlot, WorkerState, WorkerTable
 from sgserve.config import ModelSpec, ServerConfig
 from sgserve.errors import (DEADLINE_EXCEEDED, INTERNAL, UNAVAILABLE, DeadlineExceeded, InvalidArgument,
@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 BATCH = 256  # messages read from one socket per poll wake-up, so neither side starves the other
 FRONTEND_SNDHWM = 100_000  # replies queued per client before ZeroMQ would drop them
 FINAL_LINGER_MS = 200  # frontend linger at close: long enough to flush the last 503s, bounded
+_SNDMORE = int(zmq.SNDMORE)
+_NOBLOCK = int(zmq.NOBLOCK)
 
 
 class BindError(OSError):
@@ -128,19 +130,20 @@ class Broker:
             self._loop()
         except Exception as exc:  # noqa: BLE001 - the broker must stop cleanly on its own bugs too
             log.exception("broker loop failed")
-            self._fatal(WorkerFailure(f"internal error in the broker: {type(exc).__name__}: {exc}", 1))
+            self._fatal(Fatal(f"internal error in the broker: {type(exc).__name__}: {exc}", 1))
         finally:
             self._shutdown()
         return self._exit_code
 
     def close(self) -> None:
         """Closes the sockets; for a Broker whose run() was never called (run() closes itself)."""
-        if self.frontend is not None:
-            self.frontend.close(linger=FINAL_LINGER_MS)
-            self.frontend = None
-        if self.backend is not None:
-            self.backend.close(linger=0)
-            self.backend = None
+        for name, linger in (("frontend", FINAL_LINGER_MS), ("backend", 0)):
+            sock = getattr(self, name)
+            if sock is not None:
+                endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+                sock.close(linger=linger)
+                setattr(self, name, None)
+                _remove_ipc_file(endpoint)
         if not self._ctx.closed:
             self._ctx.term()
 
@@ -182,7 +185,7 @@ class Broker:
     def _read(self, sock: zmq.Socket, handle: Callable[[list[zmq.Frame]], None]) -> None:
         for _ in range(BATCH):
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = recv_frames(sock, _NOBLOCK)
             except zmq.Again:
                 return
             try:
@@ -342,7 +345,7 @@ class Broker:
         frames = [slot.identity, MAGIC, W_REQUEST, request.rid, msgpack.packb(header, use_bin_type=True)]
         frames.extend(request.payload)
         try:
-            self.backend.send_multipart(frames, copy=False)
+            send_frames(self.backend, frames)
         except zmq.ZMQError as exc:
             if exc.errno != errno.EHOSTUNREACH:
                 raise
@@ -486,12 +489,9 @@ class Broker:
 
     def _supervise(self, now: float) -> None:
         for slot, rc in self.supervisor.reap():
+            failure = self.supervisor.on_exit(slot, rc, now)  # logs it; restarts unless stopping
             if slot.state is not WorkerState.DEAD:
-                log.warning("worker %d (pid %s) exited (%s)", slot.index, slot.pid, describe_exit(rc))
                 self._fail_over(self.table.mark_dead(slot), slot.index)
-            if self._stopping:
-                continue  # no restarts while stopping
-            failure = self.supervisor.on_exit(slot, rc, now)
             if failure is not None:
                 self._fatal(failure)
                 return
@@ -531,6 +531,7 @@ class Broker:
     # -- stopping ------------------------------------------------------------------------------
     def _begin_stop(self) -> None:
         self._stopping = True
+        self.supervisor.stopping = True
         self._drain_until = min(self._drain_until, time.monotonic() + self.config.drain_timeout)
         log.info("stopping: draining %d in-flight and %d queued request(s), up to %g s",
                  self.table.inflight_count(), len(self._queue), self.config.drain_timeout)
@@ -538,13 +539,14 @@ class Broker:
     def _drained(self) -> bool:
         return not self._queue and self.table.inflight_count() == 0
 
-    def _fatal(self, failure: WorkerFailure) -> None:
+    def _fatal(self, failure: Fatal) -> None:
         """Stops the server without draining; the first failure is the one reported."""
         if self.fatal_error is None:
             self.fatal_error = failure.message
             self._exit_code = failure.exit_code or 1
             log.error("fatal: %s", failure.message)
         self._stopping = True
+        self.supervisor.stopping = True
         self._drain_until = -math.inf
 
     def _shutdown(self) -> None:
@@ -572,7 +574,7 @@ class Broker:
 
     # -- sending -------------------------------------------------------------------------------
     def _send(self, envelope: Envelope, frames: list[Any]) -> None:
-        self.frontend.send_multipart(envelope.wrap(frames), copy=False)
+        send_frames(self.frontend, envelope.wrap(frames))
 
     def _send_ok(self, envelope: Envelope, request_id: Any, **fields: Any) -> None:
         self._send(envelope, [MAGIC, msgpack.packb(ok_header(request_id, **fields), use_bin_type=True)])
@@ -582,12 +584,32 @@ class Broker:
 
     def _send_worker(self, identity: bytes, frames: list[Any]) -> bool:
         try:
-            self.backend.send_multipart([identity, *frames])
+            send_frames(self.backend, [identity, *frames])
             return True
         except zmq.ZMQError as exc:
             if exc.errno != errno.EHOSTUNREACH:
                 raise
             return False
+
+
+def send_frames(sock: zmq.Socket, frames: list[Any]) -> None:
+    """send_multipart(copy=False) without pyzmq's per-call type checks and enum flag arithmetic,
+    which cost more than the send itself at this message size."""
+    send = sock.send
+    for frame in frames[:-1]:
+        send(frame, _SNDMORE, copy=False)
+    send(frames[-1], 0, copy=False)
+
+
+def recv_frames(sock: zmq.Socket, flags: int = 0) -> list[zmq.Frame]:
+    """recv_multipart(copy=False), reading the more-flag from each frame instead of getsockopt."""
+    recv = sock.recv
+    frame = recv(flags, copy=False)
+    frames = [frame]
+    while frame.more:
+        frame = recv(flags, copy=False)
+        frames.append(frame)
+    return frames
 
 
 def check_tensors(metas: Any, payload: Sequence[Any]) -> None:
@@ -654,6 +676,15 @@ def _deadline(timeout_ms: Any) -> float | None:
     if math.isinf(timeout_ms):
         return None
     return time.time() + timeout_ms / 1000.0
+
+
+def _remove_ipc_file(endpoint: str) -> None:
+    """ZeroMQ leaves the socket file of a bound ipc:// endpoint behind; the binder removes it."""
+    if endpoint.startswith("ipc://") and not endpoint.startswith("ipc://@"):
+        try:
+            os.unlink(endpoint[len("ipc://"):])
+        except OSError:
+            pass
 
 
 def _peek_id(msg: Sequence[Any]) -> Any:

@@ -37,8 +37,9 @@ _EXIT_MEANING = {
 
 
 @dataclasses.dataclass
-class WorkerFailure:
-    """A failure the server must stop for, with the exit code ``Broker.run`` returns."""
+class Fatal:
+    """Why the server must stop (a worker can never serve, or the broker broke), and the exit code
+    ``Broker.run`` returns for it."""
 
     message: str
     exit_code: int = 1
@@ -96,7 +97,7 @@ class Supervisor:
         self._procs: set[subprocess.Popen] = set()  # every process spawned and not yet reaped
         self._deaths: dict[int, collections.deque[float]] = collections.defaultdict(collections.deque)
         self._restart_at: dict[int, float] = {}
-        self.stopping = False
+        self.stopping = False  # set by the broker when it stops: deaths are no longer restarted
 
     def worker_spec(self, slot: WorkerSlot) -> WorkerSpec:
         return WorkerSpec(
@@ -110,13 +111,13 @@ class Supervisor:
             server_id=self.server_id,
         )
 
-    def spawn(self, slot: WorkerSlot, now: float | None = None) -> WorkerFailure | None:
+    def spawn(self, slot: WorkerSlot, now: float | None = None) -> Fatal | None:
         argv = [*self.command, self.worker_spec(slot).to_json()]
         try:
             proc = subprocess.Popen(argv, env=self._env, stdin=subprocess.DEVNULL, close_fds=True,
                                     start_new_session=False)
         except OSError as exc:
-            return WorkerFailure(f"cannot start worker {slot.index} ({self.command[0]!r}): {exc}",
+            return Fatal(f"cannot start worker {slot.index} ({self.command[0]!r}): {exc}",
                                  EXIT_BOOT_ERROR)
         self._procs.add(proc)
         self.table.spawned(slot, proc, now)
@@ -124,7 +125,7 @@ class Supervisor:
                  f" (restart {slot.restarts})" if slot.restarts else "")
         return None
 
-    def start_all(self) -> WorkerFailure | None:
+    def start_all(self) -> Fatal | None:
         for slot in self.table:
             failure = self.spawn(slot)
             if failure is not None:
@@ -144,20 +145,21 @@ class Supervisor:
                     exited.append((slot, rc))
         return exited
 
-    def on_exit(self, slot: WorkerSlot, rc: int, now: float) -> WorkerFailure | None:
+    def on_exit(self, slot: WorkerSlot, rc: int, now: float) -> Fatal | None:
         """Schedules a restart at the same index, or says why the server must stop instead."""
-        if self.stopping:
-            return None
         what = f"worker {slot.index} (pid {slot.pid})"
+        if self.stopping:
+            log.info("%s exited (%s) while the server stops", what, describe_exit(rc))
+            return None
         if rc in _EXIT_MEANING:
-            return WorkerFailure(f"{what} exited with code {rc}: {_EXIT_MEANING[rc]}; not restarting it "
+            return Fatal(f"{what} exited with code {rc}: {_EXIT_MEANING[rc]}; not restarting it "
                                  f"(see the worker's log above)", rc)
         deaths = self._deaths[slot.index]
         deaths.append(now)
         while deaths and now - deaths[0] > DEATH_WINDOW:
             deaths.popleft()
         if len(deaths) > MAX_DEATHS:
-            return WorkerFailure(f"{what} died {len(deaths)} times in {DEATH_WINDOW:.0f} s (last: "
+            return Fatal(f"{what} died {len(deaths)} times in {DEATH_WINDOW:.0f} s (last: "
                                  f"{describe_exit(rc)}); giving up rather than restarting it in a loop")
         delay = 0.0 if len(deaths) <= 1 else min(0.1 * 2 ** (len(deaths) - 1), RESTART_BACKOFF_MAX)
         log.warning("%s exited (%s); restarting it%s", what, describe_exit(rc),
@@ -165,7 +167,7 @@ class Supervisor:
         self._restart_at[slot.index] = now + delay
         return None
 
-    def restart_due(self, now: float) -> WorkerFailure | None:
+    def restart_due(self, now: float) -> Fatal | None:
         for index, when in list(self._restart_at.items()):
             if now >= when:
                 del self._restart_at[index]
@@ -176,10 +178,10 @@ class Supervisor:
                         return failure
         return None
 
-    def boot_overdue(self, now: float) -> WorkerFailure | None:
+    def boot_overdue(self, now: float) -> Fatal | None:
         for slot in self.table.overdue(now, self.config.boot_timeout):
             self.kill(slot)
-            return WorkerFailure(f"worker {slot.index} (pid {slot.pid}) was not READY within "
+            return Fatal(f"worker {slot.index} (pid {slot.pid}) was not READY within "
                                  f"{self.config.boot_timeout:g} s (--boot-timeout); stopping", EXIT_BOOT_ERROR)
         return None
 

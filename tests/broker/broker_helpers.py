@@ -61,9 +61,11 @@ class RunningBroker:
     def endpoint(self) -> str:
         return self.broker.endpoint
 
-    def socket(self, kind: int = zmq.DEALER) -> zmq.Socket:
+    def socket(self, kind: int = zmq.DEALER, identity: bytes | None = None) -> zmq.Socket:
         sock = self.ctx.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
+        if identity is not None:
+            sock.setsockopt(zmq.IDENTITY, identity)
         sock.connect(self.endpoint)
         self._sockets.append(sock)
         return sock

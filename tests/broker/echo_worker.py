@@ -9,6 +9,8 @@ Options (before SPEC):
   --boot-delay S       sleep S seconds before READY
   --only-index I       apply --boot-exit / --boot-delay / --silent to worker I only
   --silent             never send heartbeats (the broker should expire and replace it)
+  --restart-delay S    with --state-dir DIR: a restarted worker (DIR/booted-INDEX exists) sleeps S
+                       seconds before READY
 
 Per request, special input names:
   sleep_s  float32 scalar: sleep that long before replying
@@ -37,6 +39,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--boot-delay", type=float, default=0.0)
     parser.add_argument("--only-index", type=int)
     parser.add_argument("--silent", action="store_true")
+    parser.add_argument("--restart-delay", type=float, default=0.0)
+    parser.add_argument("--state-dir")
     parser.add_argument("spec")
     args = parser.parse_args(argv)
     spec = WorkerSpec.from_json(args.spec)
@@ -47,6 +51,12 @@ def main(argv: list[str]) -> int:
         print(f"echo worker {spec.index}: failing boot with exit code {args.boot_exit}", file=sys.stderr)
         return args.boot_exit
     silent = targeted and args.silent
+    if args.state_dir:
+        marker = os.path.join(args.state_dir, f"booted-{spec.index}")
+        if os.path.exists(marker):
+            time.sleep(args.restart_delay)
+        else:
+            open(marker, "w").close()
 
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
