@@ -141,6 +141,8 @@ class Client:
 
     # -- internals -----------------------------------------------------------------------------
     def _socket(self) -> zmq.Socket:
+        if self._closed:
+            raise RuntimeError("this Client is closed")
         sock = getattr(self._local, "socket", None)
         if sock is not None:
             return sock

@@ -204,6 +204,7 @@ def test_bad_timeout_and_closed_client(fake) -> None:
     client = Client(server.endpoint)
     with pytest.raises(InvalidArgument):
         client.ping(timeout=0)
+    assert client.ping(timeout=2)  # this thread now has a socket
     client.close()
     client.close()  # idempotent
     with pytest.raises(RuntimeError, match="closed"):

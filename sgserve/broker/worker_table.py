@@ -9,7 +9,6 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import enum
-import logging
 import subprocess
 import time
 from typing import TYPE_CHECKING, Iterator, Sequence
@@ -17,7 +16,6 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 if TYPE_CHECKING:
     from sgserve.broker.policies import DispatchRequest
 
-log = logging.getLogger(__name__)
 
 
 class WorkerState(str, enum.Enum):

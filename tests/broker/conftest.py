@@ -1,6 +1,7 @@
 """Fixtures for broker tests: each starts a real Broker in a thread over real echo worker processes."""
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 import threading
@@ -8,6 +9,10 @@ import uuid
 from typing import Any, Iterator
 
 import pytest
+
+# The helpers, the echo worker and the test plugins live next to this file; make them importable
+# by plain name whatever pytest's import mode (plugins are loaded by "module:callable" specs).
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from broker_helpers import ECHO_WORKER, RunningBroker, demo_models, descendants, test_config
 from sgserve.broker import Broker

@@ -137,7 +137,7 @@ def test_unknown_names_404(start_broker, extra, message) -> None:
 def test_queue_full_429_then_all_served(start_broker) -> None:
     server = start_broker(workers=1, worker_pipeline=1, max_enqueued=2)
     socks = [server.socket() for _ in range(4)]
-    header, frames = sleeper(0, 0.4)
+    header, frames = sleeper(0, 1.0)
     send(socks[0], header, frames)
     server.wait_for(lambda: server.broker.table.get(0).load == 1, what="worker busy")
     for i in (1, 2):
@@ -148,7 +148,7 @@ def test_queue_full_429_then_all_served(start_broker) -> None:
     send(socks[3], header, frames)
     started = time.monotonic()
     reply, _ = recv(socks[3])
-    assert time.monotonic() - started < 0.3, "refused at once, not after the queue drains"
+    assert time.monotonic() - started < 0.8, "refused at once, not after the queue drains"
     assert reply == {"id": 3, "code": 429,
                      "message": "server overloaded: 2 requests queued (--max-enqueued); retry later"}
     for i in (0, 1, 2):
@@ -165,7 +165,7 @@ def test_deadlines_504(start_broker) -> None:
     assert reply["code"] == 504 and reply["id"] == 1
     # passes while queued behind a slow request: answered by the broker, never run
     slow = server.socket()
-    header, frames = sleeper(2, 0.8)
+    header, frames = sleeper(2, 1.5)
     send(slow, header, frames)
     server.wait_for(lambda: server.broker.table.get(0).load == 1, what="worker busy")
     header, frames = predict_header(3, timeout_ms=150)
@@ -174,7 +174,7 @@ def test_deadlines_504(start_broker) -> None:
     reply = recv(sock)[0]
     waited = time.monotonic() - started
     assert reply["code"] == 504 and reply["id"] == 3 and "was not run" in reply["message"]
-    assert 0.1 < waited < 0.6
+    assert 0.1 < waited < 1.2, "answered at its deadline, not when the worker freed up"
     assert recv(slow)[0]["code"] == 200
     assert server.broker.table.get(0).served == 1
     # a generous deadline travels to the worker as an absolute time
