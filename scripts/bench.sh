@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Runs the three sgserve benchmarks with their defaults; results land in bench/results/
+# (JSON + PNG) and each prints its table. See bench/RESULTS.md for what they measure.
+#
+#   scripts/bench.sh                  # all three (memory at 1 and 3 GiB: the long one)
+#   scripts/bench.sh --quick          # memory at 1 GiB only, fewer rounds/repeats
+#   PYTHON=/path/to/python scripts/bench.sh
+#
+# Needs: tensorflow-cpu, pyzmq, msgpack, psutil, numpy, click (the sgserve deps); matplotlib for
+# the PNGs (skipped with a note without it). bench_memory reads /proc/PID/pagemap: run as root for
+# the "unique pages" column (it is left empty otherwise).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-}"
+if [[ -z "$PY" ]]; then
+  if [[ -x /work/venv/bin/python ]]; then PY=/work/venv/bin/python; else PY=python3; fi
+fi
+QUICK=0
+[[ "${1:-}" == "--quick" ]] && QUICK=1
+
+echo "== bench_overhead" >&2
+if (( QUICK )); then "$PY" bench/bench_overhead.py --rounds 3 --calls 1000; else "$PY" bench/bench_overhead.py; fi
+echo "== bench_throughput" >&2
+if (( QUICK )); then "$PY" bench/bench_throughput.py --repeats 1 --duration 3; else "$PY" bench/bench_throughput.py; fi
+echo "== bench_memory" >&2
+if (( QUICK )); then "$PY" bench/bench_memory.py --sizes-gib 1; else "$PY" bench/bench_memory.py --sizes-gib 1,3; fi
