@@ -17,7 +17,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from typing import Any, Iterator
 
@@ -169,7 +168,10 @@ class Server:
         self.port = free_port()
         self.endpoint = f"tcp://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
-        self.log_file = tempfile.NamedTemporaryFile(prefix="sgserve-bench-", suffix=".log", delete=False)
+        os.makedirs(os.path.join(CACHE_DIR, "logs"), exist_ok=True)
+        safe = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in label)
+        self.log_file = open(os.path.join(CACHE_DIR, "logs", f"{safe}-{self.port}.log"), "w")
+        self.problems: list[str] = []
         self.segments_before = sgserve_segments()
         self.leftovers: list[str] = []
 
@@ -239,14 +241,19 @@ class Server:
             return c.status()
 
     def stop(self, grace: float = 30.0) -> int | None:
-        """SIGTERM to the group, then SIGKILL of the group; checks /dev/shm for this server's segments."""
+        """SIGTERM to the server, then SIGKILL of its process group; checks /dev/shm for its segments.
+
+        SIGTERM goes to the server process only (it stops its own workers), not to the whole group:
+        a group-wide SIGTERM races with the broker's supervisor, which may restart a worker it sees
+        die before it has begun stopping (seen with the server as of this writing).
+        """
         if self.proc is None:
             return None
         rc = self.proc.poll()
         pgid = self.proc.pid  # start_new_session: the group id is the leader's pid
         if rc is None:
             try:
-                os.killpg(pgid, signal.SIGTERM)
+                self.proc.send_signal(signal.SIGTERM)
             except ProcessLookupError:
                 pass
             try:
@@ -271,10 +278,16 @@ class Server:
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(SHM, n))
         log(f"{self.label}: stopped (exit code {rc})")
-        try:
-            os.unlink(self.log_file.name)
-        except OSError:
-            pass
+        self.log_file.close()
+        # Keep the server's own warnings (worker restarts, ...) for the results; the log stays in
+        # bench/.cache/logs/ for a closer look.
+        for line in self.log_tail(1 << 20).splitlines():
+            if any(w in line for w in (" WARNING ", " ERROR ", "Traceback", "sgserve: error")) or \
+                    line.startswith("WARNING:sgserve") or line.startswith("ERROR:"):
+                self.problems.append(line.strip()[:400])
+        if self.problems:
+            log(f"{self.label}: the server logged {len(self.problems)} warning/error line(s), e.g.: "
+                f"{self.problems[0][:300]} (full log: {os.path.relpath(self.log_file.name)})")
         return rc
 
     @staticmethod

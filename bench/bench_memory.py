@@ -140,7 +140,8 @@ def measure_sgserve(base: str, info: dict, workers: int, args) -> dict[str, Any]
     summary["worker_uss_excl_seg_mean"] = int(sum(p["uss_excl_seg"] for p in wk) / len(wk))
     return {"workers": workers, "segment": seg, "segment_bytes": seg_size, "segment_data_bytes": model.get("bytes"),
             "model_load_seconds": model.get("load_seconds"), "traffic": traffic, "worker_restarts": restarts,
-            "processes": procs, "summary": summary, "leftover_segments": s.leftovers}
+            "processes": procs, "summary": summary, "leftover_segments": s.leftovers,
+            "server_warnings": s.problems}
 
 
 def measure_naive(base: str, info: dict, max_workers: int, args) -> list[dict[str, Any]]:

@@ -267,6 +267,8 @@ def main() -> int:
                       "/".join(f"{row[m]['other_load_cores']:.2f}" for m in METHODS) + " cores")
             st = s.status()
             result["server_workers"] = st["workers"]
+        result["server_warnings"] = s.problems
+        result["leftover_segments"] = s.leftovers
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -129,7 +129,13 @@ def loadgen_startup_cpu() -> float:
     return _STARTUP_CPU[0]
 
 
-def run_loadgen(server: C.Server, worker_pids: list[int], concurrency: int, args) -> dict[str, Any]:
+def restarts_and_pids(server: C.Server) -> tuple[int, list[int]]:
+    st = server.status()
+    return sum(w.get("restarts", 0) for w in st["workers"]), [w["pid"] for w in st["workers"] if w.get("pid")]
+
+
+def run_loadgen(server: C.Server, concurrency: int, args) -> dict[str, Any]:
+    restarts0, worker_pids = restarts_and_pids(server)
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out_json = f.name
     cmd = [sys.executable, "-m", "sgserve.cli", "bench", MODEL, "--endpoint", server.endpoint,
@@ -160,7 +166,8 @@ def run_loadgen(server: C.Server, worker_pids: list[int], concurrency: int, args
     lg = ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime - loadgen_startup_cpu()
     cpu["loadgen"] = round(max(lg, 0.0) / busy_s, 2)
     own = sum(after[k] - before[k] for k in pids) + ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime
-    return {"other_load_cores": round(max(busy - own, 0.0) / wall, 2),
+    restarts1, _ = restarts_and_pids(server)
+    return {"other_load_cores": round(max(busy - own, 0.0) / wall, 2), "worker_restarts": restarts1 - restarts0,
             "qps": r["qps"], "rows_per_s": r["rows_per_s"], "p50_ms": r["p50_ms"], "p99_ms": r["p99_ms"],
             "ok": r["ok"], "errors": r["errors"], "error_codes": r["error_codes"], "seconds": r["seconds"],
             "workers_seen": r["workers_seen"], "cpu_cores_used": cpu}
@@ -176,7 +183,7 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=32, help="rows per request (default 32)")
     ap.add_argument("--width", type=int, default=1024)
     ap.add_argument("--depth", type=int, default=4)
-    ap.add_argument("--quiet-wait", type=float, default=10.0,
+    ap.add_argument("--quiet-wait", type=float, default=5.0,
                     help="before each point, wait up to this many seconds for other work to calm down (0: don't)")
     ap.add_argument("--max-other-load", type=float, default=0.3, help="'calm' = other processes use <= this many cores")
     ap.add_argument("--skip-threads", action="store_true", help="skip the in-process thread baseline")
@@ -214,16 +221,20 @@ def main() -> int:
                     if cfg == "threads":
                         r = run_threads(base, c, args)
                     else:
-                        s, wpids, _ = servers[cfg]
-                        r = run_loadgen(s, wpids, c, args)
+                        r = run_loadgen(servers[cfg][0], c, args)
+                        if r["worker_restarts"]:
+                            C.log(f"WARNING: {cfg}: {r['worker_restarts']} worker restart(s) during this point "
+                                  f"(its CPU figures are incomplete)")
                     r.update(config=cfg, concurrency=c, repeat=rep, other_load_before=quiet)
                     result["points"].append(r)
                     C.log(f"[{done}/{total}] {cfg:>10} c={c}: {r['qps']:.1f} QPS, p50 {r['p50_ms']:.2f} ms, "
                           f"p99 {r['p99_ms']:.2f} ms, cores used {r['cpu_cores_used']}, "
                           f"other load {r['other_load_cores']:.2f} cores")
-        for k, (s, wpids, _) in servers.items():
+        for k, (s, _, _) in servers.items():
             st = s.status()
             result.setdefault("restarts", {})[k] = sum(w.get("restarts", 0) for w in st["workers"])
+    result["server_warnings"] = {k: v[0].problems for k, v in servers.items()}
+    result["leftover_segments"] = {k: v[0].leftovers for k, v in servers.items()}
     result["seconds"] = round(time.monotonic() - t_start, 1)
 
     # Aggregate over repeats: the median, and the best (other work on the machine can only slow a

@@ -3,7 +3,8 @@
 # (JSON + PNG) and each prints its table. See bench/RESULTS.md for what they measure.
 #
 #   scripts/bench.sh                  # all three (memory at 1 and 3 GiB: the long one)
-#   scripts/bench.sh --quick          # memory at 1 GiB only, fewer rounds/repeats
+#   scripts/bench.sh --quick          # memory at 1 GiB only, fewer rounds/repeats; writes
+#                                     # bench/results/*_quick.{json,png} (keeps the full results)
 #   PYTHON=/path/to/python scripts/bench.sh
 #
 # Needs: tensorflow-cpu, pyzmq, msgpack, psutil, numpy, click (the sgserve deps); matplotlib for
@@ -19,8 +20,8 @@ QUICK=0
 [[ "${1:-}" == "--quick" ]] && QUICK=1
 
 echo "== bench_overhead" >&2
-if (( QUICK )); then "$PY" bench/bench_overhead.py --rounds 3 --calls 1000; else "$PY" bench/bench_overhead.py; fi
+if (( QUICK )); then "$PY" bench/bench_overhead.py --rounds 3 --calls 1000 --name bench_overhead_quick; else "$PY" bench/bench_overhead.py; fi
 echo "== bench_throughput" >&2
-if (( QUICK )); then "$PY" bench/bench_throughput.py --repeats 1 --duration 3; else "$PY" bench/bench_throughput.py; fi
+if (( QUICK )); then "$PY" bench/bench_throughput.py --repeats 1 --duration 3 --name bench_throughput_quick; else "$PY" bench/bench_throughput.py; fi
 echo "== bench_memory" >&2
-if (( QUICK )); then "$PY" bench/bench_memory.py --sizes-gib 1; else "$PY" bench/bench_memory.py --sizes-gib 1,3; fi
+if (( QUICK )); then "$PY" bench/bench_memory.py --sizes-gib 1 --name bench_memory_quick; else "$PY" bench/bench_memory.py --sizes-gib 1,3; fi
