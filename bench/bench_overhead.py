@@ -153,15 +153,11 @@ def pinned_child(segment: str) -> int:
 def make_codec_call(x) -> Callable[[], Any]:
     """sgserve's message handling for one request, all three hops in this process, without sockets
     or TensorFlow: client pack, broker header checks + re-pack, worker decode + reply pack, client
-    decode. Uses sgserve.protocol (and the broker's check_tensors when it has one)."""
+    decode. Uses sgserve.protocol, whose check_tensors is the broker's input check."""
     import msgpack  # noqa: PLC0415
 
     from sgserve import protocol  # noqa: PLC0415
-    try:
-        from sgserve.broker.broker import check_tensors  # noqa: PLC0415
-    except ImportError:  # not part of the public API; skip that step if it moved
-        def check_tensors(metas, payload):
-            return None
+    from sgserve.protocol import check_tensors  # noqa: PLC0415
     ids = iter(range(1, 1 << 62))
 
     def codec_call():

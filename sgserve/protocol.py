@@ -16,6 +16,7 @@ The broker <-> worker hop adds a one-byte command frame after MAGIC (see the W_*
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any, Sequence
 
@@ -96,40 +97,72 @@ def encode_tensor(name: str, arr: np.ndarray) -> tuple[dict[str, Any], Any]:
     return meta, memoryview(arr).cast("B") if arr.size else b""
 
 
-def decode_tensor(meta: Any, frame: Any) -> np.ndarray:
-    """The array a (meta, frame) pair describes; raises InvalidArgument when they disagree."""
-    if not isinstance(meta, dict):
-        raise InvalidArgument("tensor entry must be a map with name, dtype and shape")
-    name = meta.get("name")
-    dt = meta.get("dtype")
-    shape = meta.get("shape")
-    if not isinstance(name, str):
-        raise InvalidArgument("tensor entry has no string 'name'")
-    if dt not in ALL_DTYPES:
-        raise InvalidArgument(f"tensor '{name}': unknown dtype {dt!r} (supported: {', '.join(ALL_DTYPES)})")
-    if not isinstance(shape, (list, tuple)) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise InvalidArgument(f"tensor '{name}': shape must be a list of non-negative integers, got {shape!r}")
-    count = 1
-    for d in shape:
-        count *= d
+def check_tensors(metas: Any, payload: Sequence[Any], what: str = "inputs") -> None:
+    """Checks a header's tensor list against its payload frames without decoding them: entries well
+    formed, names unique, one frame each, frame sizes matching dtype x shape. The broker runs this
+    alone (it refuses what no worker could read); decode_tensors runs it before decoding."""
+    if metas is None:
+        metas = []
+    if not isinstance(metas, list):
+        raise InvalidArgument(f"'{what}' must be a list of tensor entries")
+    if len(metas) != len(payload):
+        raise InvalidArgument(f"header lists {len(metas)} {what} but the message carries "
+                              f"{len(payload)} payload frames")
+    seen: set[str] = set()
+    for meta, frame in zip(metas, payload):
+        if not isinstance(meta, dict):
+            raise InvalidArgument("tensor entry must be a map with name, dtype and shape")
+        name, dt, shape = meta.get("name"), meta.get("dtype"), meta.get("shape")
+        if not isinstance(name, str):
+            raise InvalidArgument("tensor entry has no string 'name'")
+        if name in seen:
+            raise InvalidArgument(f"{what[:-1]} '{name}' is given twice")
+        seen.add(name)
+        if dt not in ALL_DTYPES:
+            raise InvalidArgument(f"tensor '{name}': unknown dtype {dt!r} (supported: {', '.join(ALL_DTYPES)})")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                  for d in shape):
+            raise InvalidArgument(f"tensor '{name}': shape must be a list of non-negative integers, got {shape!r}")
+        count = math.prod(shape)
+        size = len(frame)
+        if dt == STRING:
+            items = _msgpack_array_len(frame) if size else 0
+            if items != count:
+                raise InvalidArgument(f"tensor '{name}': string payload has "
+                                      f"{'no array of' if items is None else items} elements, "
+                                      f"shape {shape} needs {count}")
+        elif size != count * DTYPES[dt].itemsize:
+            raise InvalidArgument(f"tensor '{name}': payload is {size} bytes, {dt}{shape} needs "
+                                  f"{count * DTYPES[dt].itemsize}")
+
+
+def _msgpack_array_len(frame: Any) -> int | None:
+    """The element count in a msgpack array header, or None when the frame is not an array."""
+    buf = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
+    first = buf[0]
+    if 0x90 <= first <= 0x9F:
+        return first & 0x0F
+    if first == 0xDC and len(buf) >= 3:
+        return int.from_bytes(buf[1:3], "big")
+    if first == 0xDD and len(buf) >= 5:
+        return int.from_bytes(buf[1:5], "big")
+    return None
+
+
+def _decode_checked(meta: dict[str, Any], frame: Any) -> np.ndarray:
+    """The array of a (meta, frame) pair that check_tensors accepted."""
+    shape = meta["shape"]
     buf = frame.buffer if hasattr(frame, "buffer") else frame
-    if dt == STRING:
-        try:
-            items = msgpack.unpackb(bytes(buf), raw=True) if len(buf) else []
-        except Exception as exc:  # noqa: BLE001 - any decode failure is the sender's fault
-            raise InvalidArgument(f"tensor '{name}': string payload is not a msgpack array ({exc})") from None
-        if not isinstance(items, list) or len(items) != count:
-            raise InvalidArgument(f"tensor '{name}': string payload has {len(items) if isinstance(items, list) else 'no'} "
-                                  f"elements, shape {list(shape)} needs {count}")
-        out = np.empty(count, dtype=object)
-        for i, item in enumerate(items):
-            out[i] = item if isinstance(item, bytes) else _to_bytes(item)
-        return out.reshape(shape)
-    want = DTYPES[dt]
-    nbytes = count * want.itemsize
-    if len(buf) != nbytes:
-        raise InvalidArgument(f"tensor '{name}': payload is {len(buf)} bytes, {dt}{list(shape)} needs {nbytes}")
-    return np.frombuffer(buf, dtype=want).reshape(shape)
+    if meta["dtype"] != STRING:
+        return np.frombuffer(buf, dtype=DTYPES[meta["dtype"]]).reshape(shape)
+    try:
+        items = msgpack.unpackb(bytes(buf), raw=True) if len(buf) else []
+    except Exception as exc:  # noqa: BLE001 - a valid array header over a broken body
+        raise InvalidArgument(f"tensor '{meta['name']}': string payload is not a msgpack array ({exc})") from None
+    out = np.empty(len(items), dtype=object)
+    for i, item in enumerate(items):
+        out[i] = item if isinstance(item, bytes) else _to_bytes(item)
+    return out.reshape(shape)
 
 
 def pack(header: dict[str, Any], tensors: dict[str, np.ndarray] | None = None,
@@ -165,20 +198,9 @@ def unpack_header(frames: Sequence[Any]) -> tuple[dict[str, Any], list[Any]]:
 
 
 def decode_tensors(metas: Any, payload: Sequence[Any], what: str = "inputs") -> dict[str, np.ndarray]:
-    """Name -> array for the header list ``metas`` and its payload frames."""
-    if metas is None:
-        metas = []
-    if not isinstance(metas, list):
-        raise InvalidArgument(f"'{what}' must be a list of tensor entries")
-    if len(metas) != len(payload):
-        raise InvalidArgument(f"header lists {len(metas)} {what} but the message carries {len(payload)} payload frames")
-    out: dict[str, np.ndarray] = {}
-    for meta, frame in zip(metas, payload):
-        arr = decode_tensor(meta, frame)
-        if meta["name"] in out:
-            raise InvalidArgument(f"{what[:-1]} '{meta['name']}' is given twice")
-        out[meta["name"]] = arr
-    return out
+    """Name -> array for the header list ``metas`` and its payload frames; InvalidArgument if bad."""
+    check_tensors(metas, payload, what)
+    return {meta["name"]: _decode_checked(meta, frame) for meta, frame in zip(metas or [], payload)}
 
 
 def error_header(request_id: Any, code: int, message: str, **extra: Any) -> dict[str, Any]:
@@ -242,6 +264,6 @@ def default_endpoint() -> str:
 __all__ = [
     "MAGIC", "PROTOCOL_VERSION", "PREDICT", "METADATA", "STATUS", "SHUTDOWN", "PING", "W_READY",
     "W_REQUEST", "W_REPLY", "W_HEARTBEAT", "W_STOP", "DTYPES", "STRING", "ALL_DTYPES", "pack",
-    "unpack_header", "decode_tensors", "encode_tensor", "decode_tensor", "error_reply", "ok_header",
+    "unpack_header", "decode_tensors", "check_tensors", "encode_tensor", "error_reply", "ok_header",
     "Envelope", "split_envelope", "INVALID_ARGUMENT",
 ]

@@ -31,10 +31,10 @@ from sgserve.broker.worker_table import WorkerSlot, WorkerState, WorkerTable
 from sgserve.config import ModelSpec, ServerConfig
 from sgserve.errors import (DEADLINE_EXCEEDED, INTERNAL, UNAVAILABLE, DeadlineExceeded, InvalidArgument,
                             NotFound, ResourceExhausted, ServeError, Unavailable)
-from sgserve.protocol import (ALL_DTYPES, DEFAULT_SIGNATURE, DTYPES, MAGIC, METADATA, PING, PREDICT,
-                              REQUEST_TYPES, SHUTDOWN, STATUS, STRING, W_HEARTBEAT, W_READY, W_REPLY,
-                              W_REQUEST, W_STOP, Envelope, error_reply, ok_header, request_id_bytes,
-                              split_envelope, unpack_header)
+from sgserve.protocol import (DEFAULT_SIGNATURE, MAGIC, METADATA, PING, PREDICT, REQUEST_TYPES, SHUTDOWN,
+                              STATUS, W_HEARTBEAT, W_READY, W_REPLY, W_REQUEST, W_STOP, Envelope,
+                              check_tensors, error_reply, ok_header, request_id_bytes, split_envelope,
+                              unpack_header)
 
 log = logging.getLogger(__name__)
 
@@ -610,58 +610,6 @@ def recv_frames(sock: zmq.Socket, flags: int = 0) -> list[zmq.Frame]:
         frame = recv(flags, copy=False)
         frames.append(frame)
     return frames
-
-
-def check_tensors(metas: Any, payload: Sequence[Any]) -> None:
-    """The checks protocol.decode_tensors makes, without decoding: entries well formed, one frame
-    each, frame sizes matching dtype x shape. The worker checks names, dtypes and shapes against the
-    signature; the broker only refuses what no worker could read."""
-    if metas is None:
-        metas = []
-    if not isinstance(metas, list):
-        raise InvalidArgument("'inputs' must be a list of tensor entries")
-    if len(metas) != len(payload):
-        raise InvalidArgument(f"header lists {len(metas)} inputs but the message carries "
-                              f"{len(payload)} payload frames")
-    seen: set[str] = set()
-    for meta, frame in zip(metas, payload):
-        if not isinstance(meta, dict):
-            raise InvalidArgument("tensor entry must be a map with name, dtype and shape")
-        name, dt, shape = meta.get("name"), meta.get("dtype"), meta.get("shape")
-        if not isinstance(name, str):
-            raise InvalidArgument("tensor entry has no string 'name'")
-        if name in seen:
-            raise InvalidArgument(f"input '{name}' is given twice")
-        seen.add(name)
-        if dt not in ALL_DTYPES:
-            raise InvalidArgument(f"tensor '{name}': unknown dtype {dt!r} (supported: {', '.join(ALL_DTYPES)})")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                                  for d in shape):
-            raise InvalidArgument(f"tensor '{name}': shape must be a list of non-negative integers, got {shape!r}")
-        count = math.prod(shape)
-        size = len(frame)
-        if dt == STRING:
-            items = _msgpack_array_len(frame) if size else 0
-            if items != count:
-                raise InvalidArgument(f"tensor '{name}': string payload has "
-                                      f"{'no array of' if items is None else items} elements, "
-                                      f"shape {shape} needs {count}")
-        elif size != count * DTYPES[dt].itemsize:
-            raise InvalidArgument(f"tensor '{name}': payload is {size} bytes, {dt}{shape} needs "
-                                  f"{count * DTYPES[dt].itemsize}")
-
-
-def _msgpack_array_len(frame: Any) -> int | None:
-    """The element count in a msgpack array header, or None when the frame is not an array."""
-    buf = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
-    first = buf[0]
-    if 0x90 <= first <= 0x9F:
-        return first & 0x0F
-    if first == 0xDC and len(buf) >= 3:
-        return int.from_bytes(buf[1:3], "big")
-    if first == 0xDD and len(buf) >= 5:
-        return int.from_bytes(buf[1:5], "big")
-    return None
 
 
 def _deadline(timeout_ms: Any) -> float | None:
