@@ -17,7 +17,6 @@ from typing import Callable
 
 from sgserve import shared_segment
 from sgserve.config import ModelSpec, ServerConfig
-from sgserve.worker.pinning import available_cores
 
 log = logging.getLogger(__name__)
 
@@ -27,19 +26,6 @@ EXIT_MODEL_ERROR = 2
 
 class ConfigError(Exception):
     """A setting that cannot work on this machine; the message says what to change."""
-
-
-def check_cores(config: ServerConfig) -> list[int]:
-    cores = available_cores()
-    need = config.workers * config.cpus_per_worker
-    if config.workers < 1 or config.cpus_per_worker < 1:
-        raise ConfigError("--workers and --cpus-per-worker must be at least 1")
-    if need > len(cores) and not config.allow_oversubscribe:
-        raise ConfigError(
-            f"{config.workers} workers x {config.cpus_per_worker} cores = {need} cores, but this machine has "
-            f"{len(cores)} available to sgserve (cores {','.join(map(str, cores))}). Use fewer workers or cores "
-            f"per worker, or pass --allow-oversubscribe to share cores between workers.")
-    return cores
 
 
 def check_endpoint_free(endpoint: str) -> None:
@@ -98,15 +84,19 @@ def remove_own_segments(sid: str) -> None:
 
 def run(config: ServerConfig, *, worker_command: list[str] | None = None,
         on_ready: Callable[[], None] | None = None) -> int:
-    from sgserve.broker import Broker  # noqa: PLC0415
-
-    check_cores(config)
-    shared_segment.remove_stale_segments()
-    sid = shared_segment.server_id()
-    check_endpoint_free(config.endpoint)
+    from sgserve.broker import Broker, assign_cores  # noqa: PLC0415
     from sgserve.broker.policies import load_policy  # noqa: PLC0415
 
-    load_policy(config.policy)  # a bad --policy fails now, not after a long model load
+    # Everything that can be wrong with the settings fails now, not after a long model load.
+    try:
+        cores = assign_cores(config.workers, config.cpus_per_worker,
+                             allow_oversubscribe=config.allow_oversubscribe)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    policy = load_policy(config.policy)
+    check_endpoint_free(config.endpoint)
+    shared_segment.remove_stale_segments()
+    sid = shared_segment.server_id()
     runtime_dir = shared_segment.runtime_dir(sid)
     os.makedirs(runtime_dir, mode=0o700, exist_ok=True)
     broker = None
@@ -132,7 +122,7 @@ def run(config: ServerConfig, *, worker_command: list[str] | None = None,
                 on_ready()
 
         broker = Broker(config, [spec], server_id=sid, backend_endpoint=f"ipc://{runtime_dir}/backend",
-                        worker_command=worker_command, on_ready=ready)
+                        worker_command=worker_command, on_ready=ready, cores=cores, policy=policy)
         rc = broker.run()
         if rc != 0 and getattr(broker, "fatal_error", None):
             print(f"sgserve: {broker.fatal_error}", file=sys.stderr, flush=True)

@@ -59,7 +59,8 @@ class Broker:
     def __init__(self, config: ServerConfig, models: list[ModelSpec], *, server_id: str,
                  backend_endpoint: str, worker_command: list[str] | None = None,
                  on_ready: Callable[[], None] | None = None,
-                 cores: Sequence[Sequence[int]] | None = None) -> None:
+                 cores: Sequence[Sequence[int]] | None = None,
+                 policy: DispatchPolicy | None = None) -> None:
         if not models:
             raise ValueError("the broker needs at least one model version to serve")
         self.config = config
@@ -70,7 +71,7 @@ class Broker:
         for spec in models:
             self.models.setdefault(spec.name, {})[spec.version] = spec
         self._latest = {name: max(versions) for name, versions in self.models.items()}
-        self.policy: DispatchPolicy = load_policy(config.policy)
+        self.policy: DispatchPolicy = policy if policy is not None else load_policy(config.policy)
         self.table = WorkerTable(config.workers, config.worker_pipeline)
         if cores is None:
             cores = assign_cores(config.workers, config.cpus_per_worker,

@@ -57,16 +57,16 @@ def describe_exit(rc: int) -> str:
 def assign_cores(workers: int, cpus_per_worker: int, cpus: Sequence[int] | None = None,
                  allow_oversubscribe: bool = False) -> list[list[int]]:
     """Disjoint core sets, worker i gets the i-th run of ``cpus_per_worker`` usable cores."""
-    if cpus_per_worker < 1:
-        raise ValueError(f"--cpus-per-worker must be at least 1, got {cpus_per_worker}")
+    if workers < 1 or cpus_per_worker < 1:
+        raise ValueError(f"--workers and --cpus-per-worker must be at least 1, got {workers} and {cpus_per_worker}")
     if cpus is None:
         cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
     cpus = list(cpus)
     need = workers * cpus_per_worker
     if need > len(cpus) and not allow_oversubscribe:
-        raise ValueError(f"{workers} workers x {cpus_per_worker} cpus need {need} cores, but this process "
-                         f"may use {len(cpus)} ({cpus}); lower --workers or --cpus-per-worker, or pass "
-                         f"--allow-oversubscribe")
+        raise ValueError(f"{workers} workers x {cpus_per_worker} cpus need {need} cores, but this machine has "
+                         f"{len(cpus)} available to sgserve (cores {','.join(map(str, cpus))}); lower --workers "
+                         f"or --cpus-per-worker, or pass --allow-oversubscribe to share cores between workers")
     return [[cpus[(i * cpus_per_worker + j) % len(cpus)] for j in range(cpus_per_worker)]
             for i in range(workers)]
 

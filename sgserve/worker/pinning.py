@@ -9,19 +9,6 @@ import signal
 PR_SET_PDEATHSIG = 1
 
 
-def available_cores() -> list[int]:
-    """The cores this process may run on (respects taskset/cgroup affinity, not just nproc)."""
-    return sorted(os.sched_getaffinity(0))
-
-
-def worker_cores(index: int, cpus_per_worker: int, cores: list[int] | None = None) -> list[int]:
-    """Worker i gets the i-th block of K cores: [i*K, (i+1)*K) of the available cores, wrapping
-    around when oversubscription was allowed."""
-    cores = cores or available_cores()
-    start = index * cpus_per_worker
-    return [cores[(start + j) % len(cores)] for j in range(cpus_per_worker)]
-
-
 def pin(cores: list[int]) -> None:
     os.sched_setaffinity(0, set(cores))
 
