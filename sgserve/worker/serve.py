@@ -81,12 +81,11 @@ class WorkerProcess:
             outputs = runner.run(arrays, header.get("output_filter"))
             self.served += 1
             try:
-                protocol.pack({}, outputs, key="outputs")
-            except ServeError as exc:
+                return protocol.pack(protocol.ok_header(rid, model=model, version=version, worker=self.spec.index),
+                                     outputs, key="outputs")
+            except ServeError as exc:  # an output dtype the wire cannot carry: our fault, not the request's
                 return protocol.error_reply(rid, INTERNAL, f"output cannot be sent: {exc.message}",
                                             worker=self.spec.index)
-            return protocol.pack(protocol.ok_header(rid, model=model, version=version, worker=self.spec.index),
-                                 outputs, key="outputs")
         except ServeError as exc:
             return protocol.error_reply(rid, exc.code, exc.message, model=header.get("model"),
                                         version=header.get("version"), worker=self.spec.index)
