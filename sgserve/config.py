@@ -59,7 +59,7 @@ class ModelSpec:
     name: str
     version: int
     base_path: str
-    segment: str  # POSIX shm name, e.g. /sgserve_1234_ab12_demo_1
+    segment: str  # POSIX shm name: /sgserve_<pid>_<start time>_<model>_<version>_<rand>
     segment_bytes: int  # bytes of variable data in the segment
     signatures: dict[str, Any]  # sig -> {"inputs": {n: {dtype, shape}}, "outputs": {...}, "method": str}
     load_seconds: float = 0.0

@@ -11,12 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import time
 from typing import Any, Callable
 
 import msgpack
+import numpy as np
 
 from sgserve import shared_segment
 from sgserve.config import ModelSpec
@@ -135,20 +137,13 @@ def load_version(name: str, base_path: str, version: int, sid: str,
         if var.key not in shapes:
             raise model_graph.ModelFormatError(
                 f"{version_dir}: variable '{var.node}' (checkpoint key '{var.key}') is not in the checkpoint")
-        dt = tf.as_dtype(dtypes[var.key])
-        if dt == tf.string:
+        dtype = model_graph.dtype_name(tf.as_dtype(dtypes[var.key]).as_datatype_enum)
+        if dtype == "string":
             data = msgpack.packb([bytes(x) for x in reader.get_tensor(var.key).reshape(-1).tolist()], use_bin_type=True)
             strings[var.key] = data
             nbytes = len(data)
-            dtype = "string"
         else:
-            import numpy as np  # noqa: PLC0415
-
-            dtype = np.dtype(dt.as_numpy_dtype).name
-            count = 1
-            for d in shapes[var.key]:
-                count *= int(d)
-            nbytes = count * np.dtype(dtype).itemsize
+            nbytes = math.prod(int(d) for d in shapes[var.key]) * np.dtype(dtype).itemsize
         entry = {"node": var.node, "key": var.key, "dtype": dtype, "shape": [int(d) for d in shapes[var.key]],
                  "offset": offset, "nbytes": nbytes}
         offsets[var.key] = entry

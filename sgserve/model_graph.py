@@ -82,15 +82,8 @@ def _tf():
     return tf
 
 
-def wire_dtype(dt_enum: int) -> str:
-    tf = _tf()
-    dt = tf.as_dtype(dt_enum)
-    if dt == tf.string:
-        return "string"
-    return dt.as_numpy_dtype().dtype.name if hasattr(dt.as_numpy_dtype(), "dtype") else dt.name
-
-
-def _np_dtype_name(dt_enum: int) -> str:
+def dtype_name(dt_enum: int) -> str:
+    """The wire/numpy name of a TF dtype: "float32", "int64", ..., or "string"."""
     tf = _tf()
     dt = tf.as_dtype(dt_enum)
     if dt == tf.string:
@@ -154,7 +147,7 @@ def checkpoint_keys(mg) -> dict[str, str]:
     keys: dict[str, str] = {}
     restore = _node_of(mg.saver_def.restore_op_name) if mg.saver_def.restore_op_name else ""
 
-    def restore_key(names: dict[str, Any], tensor: str, fn_nodes: dict[str, Any]) -> str | None:
+    def restore_key(tensor: str, fn_nodes: dict[str, Any]) -> str | None:
         # Follow Identity chains back to a RestoreV2 output, then read its tensor_names const.
         seen = 0
         while seen < 16:
@@ -185,7 +178,7 @@ def checkpoint_keys(mg) -> dict[str, str]:
             n = nodes[name]
             if n.op in ("Assign", "AssignVariableOp"):
                 var = _node_of(n.input[0])
-                key = restore_key(nodes, n.input[1], nodes)
+                key = restore_key(n.input[1], nodes)
                 if key is not None:
                     keys[var] = key
             elif n.op in ("StatefulPartitionedCall", "PartitionedCall") and n.attr["f"].func.name in funcs:
@@ -198,7 +191,7 @@ def checkpoint_keys(mg) -> dict[str, str]:
                         if arg in arg_names:
                             i = arg_names.index(arg)
                             if i < len(n.input):
-                                key = restore_key(fnodes, d.input[1], fnodes)
+                                key = restore_key(d.input[1], fnodes)
                                 if key is not None:
                                     keys[_node_of(n.input[i])] = key
             stack.extend(_node_of(i) for i in n.input)
@@ -233,7 +226,7 @@ def _inline_functions(graph_def, fetches: list[str]):
     return out
 
 
-def _tensor_info(info, rename: dict[str, str]) -> TensorInfo:
+def _tensor_info(info) -> TensorInfo:
     if info.WhichOneof("encoding") != "name":
         raise ModelFormatError("signatures with sparse or composite tensors are not supported")
     shape: list[int] | None
@@ -241,7 +234,7 @@ def _tensor_info(info, rename: dict[str, str]) -> TensorInfo:
         shape = None
     else:
         shape = [int(d.size) for d in info.tensor_shape.dim]
-    return TensorInfo(tensor=rename.get(info.name, info.name), dtype=_np_dtype_name(info.dtype), shape=shape)
+    return TensorInfo(tensor=info.name, dtype=dtype_name(info.dtype), shape=shape)
 
 
 def build_serving_graph(version_dir: str, table_prefix: str,
@@ -295,8 +288,8 @@ def build_serving_graph(version_dir: str, table_prefix: str,
     signatures = {
         k: SignatureInfo(
             method=s.method_name,
-            inputs={n: _tensor_info(t, {}) for n, t in s.inputs.items()},
-            outputs={n: _tensor_info(t, {}) for n, t in s.outputs.items()},
+            inputs={n: _tensor_info(t) for n, t in s.inputs.items()},
+            outputs={n: _tensor_info(t) for n, t in s.outputs.items()},
         )
         for k, s in sigs.items()
     }
@@ -316,7 +309,6 @@ def _rewrite_variables(gd, keys: dict[str, str], shapes: dict[str, list[int]],
     tf = _tf()
     from tensorflow.core.framework import attr_value_pb2, tensor_shape_pb2  # noqa: PLC0415
 
-    by_name = {n.name: n for n in gd.node}
     consumers: dict[str, list[tuple[Any, int]]] = {}
     for n in gd.node:
         for i, inp in enumerate(n.input):
@@ -341,10 +333,7 @@ def _rewrite_variables(gd, keys: dict[str, str], shapes: dict[str, list[int]],
         var.attr["dtype"].type = base.as_datatype_enum
         var.attr["shape"].shape.CopyFrom(
             tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=d) for d in shape]))
-        variables.append(VariableInput(node=name, key=key,
-                                       dtype="string" if base == tf.string else base.as_numpy_dtype().dtype.name
-                                       if hasattr(base.as_numpy_dtype(), "dtype") else base.name,
-                                       shape=list(shape)))
+        variables.append(VariableInput(node=name, key=key, dtype=dtype_name(base.as_datatype_enum), shape=list(shape)))
         # Walk everything the handle reaches through forwarding ops.
         stack = [name]
         visited: set[str] = set()
@@ -403,7 +392,7 @@ def _rewrite_variables(gd, keys: dict[str, str], shapes: dict[str, list[int]],
                     del user.input[:]
                     user.attr["dtype"].type = tf.bool.as_datatype_enum
                     user.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(True))
-                elif op in ("GatherV2", "Gather", "Shape", "Size", "Rank") or not _takes_ref_or_resource(user, src):
+                elif op in ("GatherV2", "Gather", "Shape", "Size", "Rank") or not _mutates_state(user):
                     # A VariableV2 (ref) read directly by a plain op: the placeholder works as is.
                     pass
                 else:
@@ -423,11 +412,10 @@ def _rewrite_variables(gd, keys: dict[str, str], shapes: dict[str, list[int]],
         c.op = "Const"
         c.attr["dtype"].type = tf.int32.as_datatype_enum
         c.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(batch_dims, dtype=tf.int32))
-    del by_name
     return variables
 
 
-def _takes_ref_or_resource(user, src: str) -> bool:
+def _mutates_state(user) -> bool:
     """True for ops that mutate state (Assign*, Scatter*, ...): those cannot read shared memory."""
     mutating = ("Assign", "Scatter", "ApplyAdam", "ApplyGradient", "ResourceApply", "ResourceScatter",
                 "ResourceSparse", "DestroyResourceOp", "ApplyFtrl", "ApplyAdagrad", "CountUpTo")

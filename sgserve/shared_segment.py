@@ -2,7 +2,7 @@
 
 Layout (all offsets from the start of the segment)::
 
-    0      header, 64 bytes: b"SGSEG001", u64 manifest offset, u64 manifest length,
+    0      header (40 bytes, page reserved): b"SGSEG001", u64 manifest offset, u64 manifest length,
            u64 data bytes, u64 state (0 = being written, 1 = complete)
     4096   tensor data, each tensor 64-byte aligned (what TensorFlow needs to alias it)
     ...    manifest (msgpack map), right after the data
@@ -55,7 +55,7 @@ def segment_name(sid: str, model: str, version: int) -> str:
 
 
 def _owner_alive(name: str) -> bool:
-    m = re.match(rf"^/?{SEGMENT_PREFIX}(\d+)_(\d+)_", name)
+    m = re.match(rf"^/?{SEGMENT_PREFIX}(\d+)_(\d+)(?:_|$)", name)
     if not m:
         return True  # not ours to judge
     pid, start = int(m.group(1)), int(m.group(2))
@@ -103,7 +103,7 @@ def remove_stale_runtime_dirs() -> list[str]:
     removed = []
     tmp = tempfile.gettempdir()
     for entry in os.listdir(tmp):
-        if entry.startswith(SEGMENT_PREFIX) and not _owner_alive(entry + "_"):
+        if entry.startswith(SEGMENT_PREFIX) and not _owner_alive(entry):
             shutil.rmtree(os.path.join(tmp, entry), ignore_errors=True)
             removed.append(os.path.join(tmp, entry))
     return removed
