@@ -116,6 +116,17 @@ def png_path(name: str) -> str:
     return os.path.join(RESULTS_DIR, f"{name}.png")
 
 
+def save_figure(fig, name: str, benchmark: str, machine: dict) -> str:
+    """Titles a benchmark's figure with the machine it ran on and writes it next to the JSON."""
+    fig.suptitle(f"{benchmark}: {machine['nproc']} cores {machine['cpu_model']}, TF {machine['tensorflow']}",
+                 fontsize=9)
+    fig.tight_layout()
+    path = png_path(name)
+    fig.savefig(path, dpi=110)
+    log(f"wrote {os.path.relpath(path)}")
+    return path
+
+
 def table(headers: list[str], rows: list[list[Any]]) -> str:
     cells = [[str(h) for h in headers]] + [[("" if c is None else str(c)) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]

@@ -354,12 +354,7 @@ def plot(result: dict[str, Any], name: str) -> None:
     ax.set_title("Marginal cost of the W-th worker")
     ax.legend(handles=handles, fontsize=7)
     ax.grid(alpha=0.3, axis="y")
-    m = result["machine"]
-    fig.suptitle(f"bench_memory: {m['nproc']} cores {m['cpu_model']}, TF {m['tensorflow']}", fontsize=9)
-    fig.tight_layout()
-    path = C.png_path(name)
-    fig.savefig(path, dpi=110)
-    C.log(f"wrote {os.path.relpath(path)}")
+    C.save_figure(fig, name, "bench_memory", result["machine"])
 
 
 if __name__ == "__main__":

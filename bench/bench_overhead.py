@@ -350,12 +350,7 @@ def plot(result: dict[str, Any], samples: dict[str, list[float]], name: str) -> 
     ax.set_title(f"p50 per round; sgserve/echo p50 = {result['ratios']['sgserve_over_echo_p50']:.2f} (target <= 2)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    m = result["machine"]
-    fig.suptitle(f"bench_overhead: {m['nproc']} cores {m['cpu_model']}, TF {m['tensorflow']}", fontsize=9)
-    fig.tight_layout()
-    path = C.png_path(name)
-    fig.savefig(path, dpi=110)
-    C.log(f"wrote {os.path.relpath(path)}")
+    C.save_figure(fig, name, "bench_overhead", result["machine"])
 
 
 if __name__ == "__main__":

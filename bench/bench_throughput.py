@@ -338,12 +338,7 @@ def plot(result, agg, concs, configs, name) -> None:
     axes[1].set_ylabel("ms")
     axes[1].legend(fontsize=7)
     axes[1].grid(alpha=0.3)
-    m = result["machine"]
-    fig.suptitle(f"bench_throughput: {m['nproc']} cores {m['cpu_model']}, TF {m['tensorflow']}", fontsize=9)
-    fig.tight_layout()
-    path = C.png_path(name)
-    fig.savefig(path, dpi=110)
-    C.log(f"wrote {os.path.relpath(path)}")
+    C.save_figure(fig, name, "bench_throughput", result["machine"])
 
 
 if __name__ == "__main__":
