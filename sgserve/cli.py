@@ -45,12 +45,16 @@ def main() -> None:
               help="requests that may wait for a free worker before new ones get 429")
 @click.option("--worker-timeout", type=float, default=30.0, show_default=True,
               help="seconds a worker may hold one request before it counts as hung and is restarted")
+@click.option("--boot-timeout", type=float, default=120.0, show_default=True,
+              help="seconds a worker may take to map the model and warm up before the server gives up")
+@click.option("--drain-timeout", type=float, default=10.0, show_default=True,
+              help="on stop, seconds in-flight requests may take to finish")
 @click.option("--log-level", default="warning", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 def start(model_base_path: str | None, model_name: str | None, workers: int, cpus_per_worker: int, policy: str,
           endpoint: str | None, intra_op_threads: int | None, inter_op_threads: int | None,
           allow_oversubscribe: bool, max_request_bytes: int, max_enqueued: int, worker_timeout: float,
-          log_level: str) -> None:
+          boot_timeout: float, drain_timeout: float, log_level: str) -> None:
     """Serve a model in the foreground until SIGINT/SIGTERM (or `sgserve stop`)."""
     from sgserve import server  # noqa: PLC0415
 
@@ -61,7 +65,8 @@ def start(model_base_path: str | None, model_name: str | None, workers: int, cpu
         model_base_path=model_base_path, model_name=model_name, workers=workers, cpus_per_worker=cpus_per_worker,
         policy=policy, endpoint=endpoint or default_endpoint(), intra_op_threads=intra_op_threads,
         inter_op_threads=inter_op_threads, allow_oversubscribe=allow_oversubscribe,
-        max_request_bytes=max_request_bytes, max_enqueued=max_enqueued, worker_timeout=worker_timeout)
+        max_request_bytes=max_request_bytes, max_enqueued=max_enqueued, worker_timeout=worker_timeout,
+        boot_timeout=boot_timeout, drain_timeout=drain_timeout)
     try:
         code = server.run(config)
     except server.ConfigError as exc:

@@ -166,12 +166,14 @@ class Broker:
         poller.register(frontend, zmq.POLLIN)
         next_tick = 0.0
         while True:
-            if self._stop_requested and not self._stopping:
-                self._begin_stop()
             if self._stopping and (time.monotonic() >= self._drain_until or self._drained()):
                 return
             timeout_ms = math.ceil(max(0.0, next_tick - time.monotonic()) * 1000.0)
             ready = dict(poller.poll(timeout_ms))
+            # Signals land while we block in poll: act on a stop before anything else this pass, or
+            # the supervisor would restart workers that a process-group SIGTERM just ended.
+            if self._stop_requested and not self._stopping:
+                self._begin_stop()
             if backend in ready:
                 self._read(backend, self._on_backend)
             if frontend in ready:
