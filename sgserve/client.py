@@ -20,7 +20,7 @@ import zmq
 from sgserve.errors import (DEADLINE_EXCEEDED, OK, UNAVAILABLE, DeadlineExceeded, Internal, InvalidArgument,
                             ServeError, error_from_code)
 from sgserve.protocol import (METADATA, PIN, PING, PREDICT, SHUTDOWN, STATUS, UNPIN, decode_tensors, default_endpoint,
-                              pack, unpack_header)
+                              pack, recv_frames, send_frames, unpack_header)
 
 DEFAULT_WAIT = 60.0  # seconds to wait for a reply when no timeout is given: no call waits forever
 REPLY_GRACE = 0.5  # at most this long past the request's deadline for the server's own 504 to arrive
@@ -89,7 +89,7 @@ class Client:
         if routing_key is not None:
             header["routing_key"] = routing_key
         started = time.perf_counter()
-        reply, payload = self._call(header, dict(inputs), timeout)
+        reply, payload = self._call(header, inputs, timeout)
         latency = time.perf_counter() - started
         outputs = decode_tensors(reply.get("outputs"), payload, "outputs")
         return PredictResult(outputs=outputs, model=reply.get("model", model),
@@ -175,6 +175,7 @@ class Client:
             sock.connect(self.endpoint)
             self._sockets.add(sock)
         self._local.socket = sock
+        self._local.rcvtimeo = -1
         return sock
 
     def _drop_socket(self, sock: zmq.Socket) -> None:
@@ -183,7 +184,7 @@ class Client:
             self._sockets.discard(sock)
         sock.close(linger=0)
 
-    def _call(self, header: dict[str, Any], tensors: dict[str, np.ndarray] | None,
+    def _call(self, header: dict[str, Any], tensors: Mapping[str, np.ndarray] | None,
               timeout: float | None) -> tuple[dict[str, Any], list[Any]]:
         """Sends one request and waits for its reply; raises the typed error for a non-200 code."""
         if timeout is None:
@@ -199,21 +200,31 @@ class Client:
         header["id"] = request_id
         frames = pack(header, tensors)
         sock = self._socket()
-        sock.send_multipart(frames, copy=False)
+        send_frames(sock, frames)
+        local = self._local
         deadline = time.monotonic() + wait
+        wait_ms = max(1, int(wait * 1000.0))
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not sock.poll(left * 1000.0, zmq.POLLIN):
+            if local.rcvtimeo != wait_ms:  # set only when it changes: one call fewer per request
+                sock.setsockopt(zmq.RCVTIMEO, wait_ms)
+                local.rcvtimeo = wait_ms
+            try:
+                reply_frames = recv_frames(sock)
+            except zmq.Again:
                 self._drop_socket(sock)
                 raise DeadlineExceeded(f"no reply from {self.endpoint} within {wait:g} s "
-                                       f"(is the server running?)")
-            reply_frames = sock.recv_multipart(copy=False)
+                                       f"(is the server running?)") from None
             try:
                 reply, payload = unpack_header(reply_frames)
             except ServeError as exc:
                 raise Internal(f"malformed reply from {self.endpoint}: {exc.message}") from None
-            if reply.get("id") != request_id:
-                continue  # a late reply to an earlier request that timed out
+            if reply.get("id") != request_id:  # a late reply to an earlier request that timed out
+                wait_ms = int((deadline - time.monotonic()) * 1000.0)
+                if wait_ms <= 0:
+                    self._drop_socket(sock)
+                    raise DeadlineExceeded(f"no reply from {self.endpoint} within {wait:g} s "
+                                           f"(is the server running?)")
+                continue
             code = reply.get("code")
             if code != OK:
                 raise error_from_code(code if isinstance(code, int) else 500, str(reply.get("message", "")))

@@ -11,17 +11,24 @@ msgpack array of binary values (the tensor flattened in C order). No pickle anyw
 docs/protocol.md is the normative description; this module is its one implementation, shared by
 the client, the broker and the workers.
 
-The broker <-> worker hop adds a one-byte command frame after MAGIC (see the W_* constants).
+The broker <-> worker hop (internal, docs/protocol.md section 11) has no MAGIC: every message
+starts with a command frame, one command byte followed by that command's fixed fields. A W_REQUEST
+carries the client's header and payload frames exactly as the client sent them, so the broker never
+re-encodes a request; the worker's W_REPLY carries the reply header and payload the broker forwards
+untouched.
+
+``send_frames`` and ``recv_frames`` are the one frame I/O helper of all three processes.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
+import struct
 from typing import Any, Sequence
 
 import msgpack
 import numpy as np
+import zmq
 
 from sgserve.errors import INVALID_ARGUMENT, OK, InvalidArgument
 
@@ -38,16 +45,21 @@ PIN = "pin"  # serve this version of a model (loading it if needed) until unpinn
 UNPIN = "unpin"  # back to the model's version policy
 REQUEST_TYPES = (PREDICT, METADATA, STATUS, SHUTDOWN, PING, PIN, UNPIN)
 
-# Broker <-> worker commands: one byte each, frame 1 of every backend message.
-W_READY = b"\x01"  # worker -> broker: booted, model mapped and warmed; header has index/pid/cores
-W_REQUEST = b"\x02"  # broker -> worker: [cmd, request id (8 bytes), header, payload...]
-W_REPLY = b"\x03"  # worker -> broker: [cmd, request id, header, payload...]
+# Broker <-> worker commands: the first byte of the first frame of every backend message.
+W_READY = b"\x01"  # worker -> broker: [cmd, {"index", "pid", "cores", "warmup"}]: booted, mapped, warmed
+W_REQUEST = b"\x02"  # broker -> worker: [cmd + ROUTE fields, client header, client payload...]
+W_REPLY = b"\x03"  # worker -> broker: [cmd + request id (8 bytes), reply header, payload...]
 W_HEARTBEAT = b"\x04"  # both ways: [cmd]
 W_STOP = b"\x05"  # broker -> worker: finish the current request, then exit 0
 W_LOAD = b"\x06"  # broker -> worker: [cmd, ModelSpec as msgpack]: map, build and warm up a version
 W_LOADED = b"\x07"  # worker -> broker: [cmd, {"model", "version", "ok", "error", "seconds"}]
 W_UNLOAD = b"\x08"  # broker -> worker: [cmd, {"model", "version"}]: drop it (after what it holds)
 W_UNLOADED = b"\x09"  # worker -> broker: [cmd, {"model", "version"}]
+
+# The W_REQUEST command frame: command byte, request id (the broker's counter), the resolved
+# version, the absolute deadline (Unix seconds; NaN = none) and the attempt (0, or 1 for a retry).
+ROUTE = struct.Struct("<cQqdB")
+NO_DEADLINE = math.nan
 
 DEFAULT_SIGNATURE = "serving_default"
 
@@ -70,13 +82,22 @@ STRING = "string"
 ALL_DTYPES = tuple(DTYPES) + (STRING,)
 
 
+# numpy dtype -> wire name, for every byte order numpy may report (a dict lookup per tensor).
+_WIRE_NAMES: dict[np.dtype, str] = {}
+for _name, _dt in DTYPES.items():
+    for _order in ("<", ">", "=", "|"):
+        _WIRE_NAMES.setdefault(_dt.newbyteorder(_order), _name)
+
+
 def dtype_name(arr: np.ndarray) -> str:
     """The wire name of an array's dtype; object/bytes/str arrays are strings."""
+    name = _WIRE_NAMES.get(arr.dtype)
+    if name is not None and (arr.dtype.byteorder != ">" or arr.dtype.itemsize == 1):
+        return name
     if arr.dtype.kind in ("O", "S", "U"):
         return STRING
-    for name, dt in DTYPES.items():
-        if arr.dtype == dt or arr.dtype == dt.newbyteorder("="):
-            return name
+    if name is not None:  # big-endian: sent as its little-endian twin (encode_tensor converts)
+        return name
     raise InvalidArgument(f"dtype {arr.dtype} is not supported on the wire (supported: {', '.join(ALL_DTYPES)})")
 
 
@@ -91,16 +112,18 @@ def _to_bytes(x: Any) -> bytes:
 
 
 def encode_tensor(name: str, arr: np.ndarray) -> tuple[dict[str, Any], Any]:
-    """(meta, frame) for one tensor. The frame is a zero-copy buffer for numeric arrays."""
-    arr = np.asarray(arr)
+    """(meta, frame) for one tensor. The frame is the array itself (a zero-copy buffer) for numeric
+    arrays in wire byte order, which pyzmq sends without another copy."""
+    if type(arr) is not np.ndarray:
+        arr = np.asarray(arr)
     dt = dtype_name(arr)
-    meta = {"name": name, "dtype": dt, "shape": [int(d) for d in arr.shape]}
+    meta = {"name": name, "dtype": dt, "shape": list(arr.shape)}
     if dt == STRING:
         return meta, msgpack.packb([_to_bytes(x) for x in arr.reshape(-1).tolist()], use_bin_type=True)
     want = DTYPES[dt]
     if arr.dtype != want or not arr.flags.c_contiguous:
         arr = np.ascontiguousarray(arr, dtype=want)
-    return meta, memoryview(arr).cast("B") if arr.size else b""
+    return meta, arr.data.cast("B") if arr.size else b""
 
 
 def check_tensors(metas: Any, payload: Sequence[Any], what: str = "inputs") -> None:
@@ -225,19 +248,22 @@ def ok_header(request_id: Any, **extra: Any) -> dict[str, Any]:
     return header
 
 
-@dataclasses.dataclass
 class Envelope:
     """The routing frames a ROUTER socket put in front of a client's message.
 
     ``delimiter`` is True when the client is a REQ socket (it sent an empty frame before MAGIC),
-    so the reply must carry the empty frame too.
+    so the reply must carry the empty frame too. ``prefix`` is what goes in front of every reply.
     """
 
-    identity: list[bytes]
-    delimiter: bool
+    __slots__ = ("identity", "delimiter", "prefix")
+
+    def __init__(self, identity: list[bytes], delimiter: bool) -> None:
+        self.identity = identity
+        self.delimiter = delimiter
+        self.prefix = [*identity, b""] if delimiter else list(identity)
 
     def wrap(self, frames: list[Any]) -> list[Any]:
-        return list(self.identity) + ([b""] if self.delimiter else []) + frames
+        return self.prefix + frames
 
 
 def split_envelope(frames: Sequence[Any]) -> tuple[Envelope, list[Any]]:
@@ -246,21 +272,57 @@ def split_envelope(frames: Sequence[Any]) -> tuple[Envelope, list[Any]]:
     The identity is the first frame. An empty frame after it marks a REQ client. Anything else is
     left for unpack_header to judge, so that garbage still gets an answer when it can be addressed.
     """
-    ident = [bytes(frames[0])]
-    rest = list(frames[1:])
-    delimiter = False
-    if rest and len(rest[0]) == 0:
-        delimiter = True
-        rest = rest[1:]
-    return Envelope(ident, delimiter), rest
+    first = frames[0]
+    ident = [first.bytes if isinstance(first, zmq.Frame) else bytes(first)]
+    if len(frames) > 1 and len(frames[1]) == 0:
+        return Envelope(ident, True), list(frames[2:])
+    return Envelope(ident, False), list(frames[1:])
 
 
 def request_id_bytes(n: int) -> bytes:
     return n.to_bytes(8, "little")
 
 
-def request_id_int(b: bytes) -> int:
-    return int.from_bytes(b, "little")
+# -- frame I/O: one helper for the client, the broker and the workers ------------------------------
+_SNDMORE = int(zmq.SNDMORE)
+
+
+def send_frames(sock: zmq.Socket, frames: Sequence[Any]) -> None:
+    """send_multipart(copy=False) without pyzmq's per-call type checks and enum flag arithmetic,
+    which cost more than the send itself at this message size. Frames may be bytes, buffers or
+    received zmq.Frames (forwarded without a copy)."""
+    send = sock.send
+    last = len(frames) - 1
+    for i in range(last):
+        send(frames[i], _SNDMORE, copy=False)
+    send(frames[last], 0, copy=False)
+
+
+def recv_frames(sock: zmq.Socket, flags: int = 0) -> list[zmq.Frame]:
+    """recv_multipart(copy=False), reading the more-flag from each frame instead of getsockopt."""
+    recv = sock.recv
+    frame = recv(flags, copy=False)
+    frames = [frame]
+    while frame.more:
+        frame = recv(flags, copy=False)
+        frames.append(frame)
+    return frames
+
+
+def route_frame(rid: int, version: int, deadline: float | None, attempt: int) -> bytes:
+    """The W_REQUEST command frame (see ROUTE)."""
+    return ROUTE.pack(W_REQUEST, rid, version, NO_DEADLINE if deadline is None else deadline, attempt)
+
+
+def parse_route(frame: bytes) -> tuple[int, int, float | None, int]:
+    """(request id, version, deadline or None, attempt) of a W_REQUEST command frame."""
+    _, rid, version, deadline, attempt = ROUTE.unpack(frame)
+    return rid, version, (None if deadline != deadline else deadline), attempt
+
+
+def reply_frame(rid: int) -> bytes:
+    """The W_REPLY command frame for request ``rid``."""
+    return W_REPLY + rid.to_bytes(8, "little")
 
 
 def default_endpoint() -> str:
@@ -271,5 +333,6 @@ __all__ = [
     "MAGIC", "PROTOCOL_VERSION", "PREDICT", "METADATA", "STATUS", "SHUTDOWN", "PING", "W_READY",
     "W_REQUEST", "W_REPLY", "W_HEARTBEAT", "W_STOP", "DTYPES", "STRING", "ALL_DTYPES", "pack",
     "unpack_header", "decode_tensors", "check_tensors", "encode_tensor", "error_reply", "ok_header",
-    "Envelope", "split_envelope", "INVALID_ARGUMENT",
+    "Envelope", "split_envelope", "INVALID_ARGUMENT", "send_frames", "recv_frames", "ROUTE", "route_frame",
+    "parse_route", "reply_frame",
 ]

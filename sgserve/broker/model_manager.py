@@ -576,9 +576,9 @@ class ModelManager:
     def _send_load(self, slot: WorkerSlot, spec: ModelSpec, out_of_rotation: bool) -> None:
         import msgpack  # noqa: PLC0415
 
-        from sgserve.protocol import MAGIC, W_LOAD  # noqa: PLC0415
+        from sgserve.protocol import W_LOAD  # noqa: PLC0415
 
-        if not self.send(slot.identity, [MAGIC, W_LOAD, msgpack.packb(spec.to_dict(), use_bin_type=True)]):
+        if not self.send(slot.identity, [W_LOAD, msgpack.packb(spec.to_dict(), use_bin_type=True)]):
             return
         self._loading_on[slot.index] = (spec.name, spec.version)
         self._loading_since[slot.index] = time.monotonic()
@@ -645,7 +645,7 @@ class ModelManager:
         """Sends W_UNLOAD where the version is loaded; True once no worker (or booting one) has it."""
         import msgpack  # noqa: PLC0415
 
-        from sgserve.protocol import MAGIC, W_UNLOAD  # noqa: PLC0415
+        from sgserve.protocol import W_UNLOAD  # noqa: PLC0415
 
         key = (sm.name, mv.version)
         if any(key in keys for keys in self._booting.values()) or key in self._loading_on.values():
@@ -659,7 +659,7 @@ class ModelManager:
             if index in self._unloading_on or index in self._loading_on or not self._rolling_ok(slot):
                 continue  # one worker at a time leaves the rotation to drop it
             frame = msgpack.packb({"model": sm.name, "version": mv.version})
-            if not self.send(slot.identity, [MAGIC, W_UNLOAD, frame]):
+            if not self.send(slot.identity, [W_UNLOAD, frame]):
                 self._on_worker[index].discard(key)
                 continue
             self._unloading_on[index] = key

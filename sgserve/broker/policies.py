@@ -29,9 +29,9 @@ log = logging.getLogger(__name__)
 class DispatchRequest:
     """A predict request inside the broker, from arrival until its reply is sent."""
 
-    rid: bytes  # 8-byte broker request id (protocol.request_id_bytes); the backend correlation key
+    rid: int  # the broker's request id: the backend correlation key (protocol.ROUTE)
     envelope: Envelope  # how to address the reply to the client
-    header: dict[str, Any]  # the client's header, plus the broker's version/signature/deadline/attempt
+    header: dict[str, Any]  # the client's header, decoded (read-only: the worker gets header_frame)
     payload: list[Any]  # tensor frames, forwarded untouched
     model: str
     version: int
@@ -44,6 +44,7 @@ class DispatchRequest:
     sent_at: float = 0.0  # monotonic time of the last dispatch to a worker
     died_on: int | None = None  # index of the worker that died holding it (attempt 1 only)
     retry_until: float | None = None  # monotonic bound on waiting for a retry
+    header_frame: Any = None  # the client's header frame, forwarded to the worker untouched
 
     @property
     def request_id(self) -> Any:

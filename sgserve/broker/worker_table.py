@@ -11,7 +11,7 @@ import dataclasses
 import enum
 import subprocess
 import time
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Hashable, Iterator, Sequence
 
 if TYPE_CHECKING:
     from sgserve.broker.policies import DispatchRequest
@@ -35,7 +35,7 @@ class WorkerSlot:
     pid: int | None = None
     process: subprocess.Popen | None = None
     state: WorkerState = WorkerState.DEAD
-    inflight: dict[bytes, "DispatchRequest"] = dataclasses.field(default_factory=dict)
+    inflight: dict[Hashable, "DispatchRequest"] = dataclasses.field(default_factory=dict)
     served: int = 0
     restarts: int = 0
     last_seen: float = 0.0  # monotonic time of the worker's last message of any kind
@@ -68,7 +68,7 @@ class WorkerTable:
         self.pipeline = pipeline
         self._slots: list[WorkerSlot | None] = [None] * size
         self._by_identity: dict[bytes, WorkerSlot] = {}
-        self._by_rid: dict[bytes, WorkerSlot] = {}
+        self._by_rid: dict[Hashable, WorkerSlot] = {}
         self._free: list[WorkerSlot] = []
         self._free_view: tuple[WorkerSlot, ...] | None = ()
 
@@ -87,7 +87,7 @@ class WorkerTable:
     def by_identity(self, identity: bytes) -> WorkerSlot | None:
         return self._by_identity.get(identity)
 
-    def holder(self, rid: bytes) -> WorkerSlot | None:
+    def holder(self, rid: Hashable) -> WorkerSlot | None:
         return self._by_rid.get(rid)
 
     def free(self) -> Sequence[WorkerSlot]:
@@ -179,7 +179,7 @@ class WorkerTable:
         if len(slot.inflight) >= self.pipeline:
             self._set_free(slot)
 
-    def mark_idle(self, rid: bytes, identity: bytes, now: float) -> "DispatchRequest | None":
+    def mark_idle(self, rid: Hashable, identity: bytes, now: float) -> "DispatchRequest | None":
         """The request ``rid`` came back from the worker ``identity``; None when it is not ours.
 
         A reply for an unknown id (a request already failed over, or one from a worker we declared

@@ -28,7 +28,8 @@ import msgpack
 
 from sgserve import protocol
 from sgserve.config import EXIT_BOOT_ERROR, EXIT_MODEL_ERROR, EXIT_OK, WorkerSpec
-from sgserve.errors import DEADLINE_EXCEEDED, INTERNAL, NotFound, ServeError
+from sgserve.errors import DEADLINE_EXCEEDED, INTERNAL, OK, InvalidArgument, NotFound, ServeError
+from sgserve.protocol import recv_frames, send_frames
 from sgserve.worker import pinning
 
 log = logging.getLogger("sgserve.worker")
@@ -36,6 +37,11 @@ log = logging.getLogger("sgserve.worker")
 LOAD_POLL = 0.02  # seconds between checks for a finished background load
 READ_BURST = 256  # with batching: messages read per wake-up, so that requests that arrived together batch
 STOP_DRAIN = 4.0  # seconds W_STOP waits for the batches still queued (the supervisor SIGTERMs after 5)
+
+_unpackb = msgpack.unpackb
+_packb = msgpack.Packer(use_bin_type=True).pack  # one Packer: not rebuilt per reply
+_unpack_route = protocol.ROUTE.unpack
+_ROUTE_SIZE = protocol.ROUTE.size
 
 # States of a request held for batching. Only the I/O thread answers (ANSWERED); a batch thread
 # marks the requests of a batch it took RUNNING, after which they are never expired early.
@@ -47,7 +53,7 @@ class HeldRequest:
 
     __slots__ = ("rid", "request_id", "model", "version", "deadline", "state")
 
-    def __init__(self, rid: bytes, request_id: Any, model: str, version: int, deadline: float | None) -> None:
+    def __init__(self, rid: int, request_id: Any, model: str, version: int, deadline: float | None) -> None:
         self.rid = rid
         self.request_id = request_id
         self.model = model
@@ -96,18 +102,19 @@ class WorkerBatching:
         log.info("batching with %d batch thread(s): %s", len(self._threads), self.params)
 
     # -- the I/O thread ------------------------------------------------------------------------
-    def submit(self, rid: bytes, header: dict[str, Any], payload: list[Any],
+    def submit(self, rid: int, version: int, deadline: float | None, header_frame: Any, payload: list[Any],
                resolve: Any) -> list[Any] | None:
         """Queues one W_REQUEST; None when queued, else the reply frames (from MAGIC on) to send now."""
         from sgserve.batching import BatchTask  # noqa: PLC0415
 
-        request_id = header.get("id")
+        request_id = header = None
         try:
-            deadline = header.get("deadline")
+            header = _read_header(header_frame)
+            request_id = header.get("id")
             if deadline is not None and time.time() > deadline:
                 return protocol.error_reply(request_id, DEADLINE_EXCEEDED,
                                             "deadline exceeded before the request could run")
-            model, version, runner = resolve(header)
+            model, runner = resolve(header, version)
             arrays = protocol.decode_tensors(header.get("inputs"), payload)
             output_filter = header.get("output_filter")
             runner.validate(arrays, output_filter)  # here, so that one bad request cannot fail a batch
@@ -115,8 +122,9 @@ class WorkerBatching:
             key: Hashable = (model, version, runner.name, tuple(output_filter or ()))
             self.batcher.submit(BatchTask(held, key, arrays, deadline))
         except ServeError as exc:  # 400 (too many rows), 429 (queue full), 504, 503 (stopping), 404
-            return protocol.error_reply(request_id, exc.code, exc.message, model=header.get("model"),
-                                        version=header.get("version"), worker=self._index)
+            return protocol.error_reply(request_id, exc.code, exc.message,
+                                        model=header.get("model") if header is not None else None,
+                                        version=version, worker=self._index)
         except Exception as exc:  # noqa: BLE001
             log.exception("request failed")
             return protocol.error_reply(request_id, INTERNAL, f"{type(exc).__name__}: {exc}", worker=self._index)
@@ -156,7 +164,7 @@ class WorkerBatching:
                         continue
                     held.state = ANSWERED
                 self._held -= 1
-                out.append([protocol.MAGIC, protocol.W_REPLY, held.rid] + protocol.error_reply(
+                out.append([protocol.reply_frame(held.rid)] + protocol.error_reply(
                     held.request_id, DEADLINE_EXCEEDED, "deadline exceeded while waiting in the worker's batching "
                     "queue; the request was not run", model=held.model, version=held.version,
                     worker=self._index)[1:])
@@ -222,7 +230,7 @@ class WorkerBatching:
         else:
             frames = protocol.error_reply(held.request_id, result.code, result.message, model=held.model,
                                           version=held.version, worker=self._index)
-        return held, [protocol.MAGIC, protocol.W_REPLY, held.rid] + frames[1:], ok
+        return held, [protocol.reply_frame(held.rid)] + frames[1:], ok
 
 
 class WorkerProcess:
@@ -308,10 +316,10 @@ class WorkerProcess:
         self._warmup_source = "synthetic inputs"
         return None
 
-    def _start_load(self, frames: list[Any]) -> None:
+    def _start_load(self, body: Any) -> None:
         """W_LOAD: builds the version on the loader thread; the serve loop keeps serving meanwhile."""
         try:
-            model = msgpack.unpackb(frames[2].bytes, raw=False)
+            model = msgpack.unpackb(body.bytes, raw=False)
             key = (model["name"], int(model["version"]))
         except Exception:  # noqa: BLE001
             log.warning("dropping a malformed W_LOAD")
@@ -328,7 +336,7 @@ class WorkerProcess:
             # Collect now, off the request path, the garbage of building and warming the version;
             # else the next automatic full collection would walk it all between two requests.
             gc.collect()
-            reply = [protocol.MAGIC, protocol.W_LOADED, msgpack.packb(
+            reply = [protocol.W_LOADED, msgpack.packb(
                 {"model": key[0], "version": key[1], "ok": rt is not None, "error": error,
                  "seconds": round(time.monotonic() - started, 3), "pid": os.getpid(),
                  "warmup": rt.warmed if rt is not None else None})]
@@ -357,7 +365,7 @@ class WorkerProcess:
             out.append(reply)
         return out
 
-    def _unload(self, frames: list[Any]) -> None:
+    def _unload(self, body: Any) -> None:
         """W_UNLOAD: forgets a version at once; the objects are freed on the loader thread.
 
         Dropping a version's functions and collecting the cycles they leave holds the GIL for a
@@ -366,7 +374,7 @@ class WorkerProcess:
         tensor.
         """
         try:
-            info = msgpack.unpackb(frames[2].bytes, raw=False)
+            info = msgpack.unpackb(body.bytes, raw=False)
             key = (info["model"], int(info["version"]))
         except Exception:  # noqa: BLE001
             log.warning("dropping a malformed W_UNLOAD")
@@ -378,13 +386,13 @@ class WorkerProcess:
             if doomed.pop() is not None:
                 gc.collect()  # the version's cycles; TensorFlow's frozen objects are not walked
                 log.info("unloaded %s version %d in %.2f s", key[0], key[1], time.monotonic() - started)
-            return None, [protocol.MAGIC, protocol.W_UNLOADED, msgpack.packb({"model": key[0], "version": key[1]})]
+            return None, [protocol.W_UNLOADED, msgpack.packb({"model": key[0], "version": key[1]})]
 
         self._background(job)
 
-    def resolve(self, header: dict[str, Any]) -> tuple[str, int, Any]:
-        """(model, version, SignatureRunner) a request names; NotFound (404) when this worker lacks it."""
-        model, version = header.get("model"), header.get("version")
+    def resolve(self, header: dict[str, Any], version: int) -> tuple[str, Any]:
+        """(model, SignatureRunner) a request names; NotFound (404) when this worker lacks it."""
+        model = header.get("model")
         rt = self.runtimes.get((model, version))
         if rt is None:
             raise NotFound(f"model '{model}' version {version} is not loaded in worker {self.spec.index}")
@@ -392,31 +400,43 @@ class WorkerProcess:
         runner = rt.signatures.get(sig)
         if runner is None:
             raise NotFound(f"model '{model}' has no signature '{sig}'; it has {sorted(rt.signatures)}")
-        return model, version, runner
+        return model, runner
 
-    def handle(self, header: dict[str, Any], payload: list[Any]) -> list[Any]:
-        """Reply frames (from MAGIC on) for one request, run now; never raises."""
-        rid = header.get("id")
+    def handle(self, version: int, deadline: float | None, header_frame: Any, payload: list[Any]) -> list[Any]:
+        """The reply (header frame, payload frames) to one W_REQUEST, run now; never raises."""
+        request_id = header = None
+        index = self.spec.index
         try:
-            deadline = header.get("deadline")
+            header = _read_header(header_frame)
+            request_id = header.get("id")
             if deadline is not None and time.time() > deadline:
-                return protocol.error_reply(rid, DEADLINE_EXCEEDED, "deadline exceeded before the request could run")
-            model, version, runner = self.resolve(header)
-            arrays = protocol.decode_tensors(header.get("inputs"), payload)
-            outputs = runner.run(arrays, header.get("output_filter"))
+                return protocol.error_reply(request_id, DEADLINE_EXCEEDED,
+                                            "deadline exceeded before the request could run")[1:]
+            model, runner = self.resolve(header, version)
+            outputs = runner.run(protocol.decode_tensors(header.get("inputs"), payload), header.get("output_filter"))
             self.served += 1
             try:
-                return protocol.pack(protocol.ok_header(rid, model=model, version=version, worker=self.spec.index),
-                                     outputs, key="outputs")
+                metas, frames = [], [None]
+                for name, arr in outputs.items():
+                    meta, frame = protocol.encode_tensor(name, arr)
+                    metas.append(meta)
+                    frames.append(frame)
             except ServeError as exc:  # an output dtype the wire cannot carry: our fault, not the request's
-                return protocol.error_reply(rid, INTERNAL, f"output cannot be sent: {exc.message}",
-                                            worker=self.spec.index)
+                return protocol.error_reply(request_id, INTERNAL, f"output cannot be sent: {exc.message}",
+                                            worker=index)[1:]
+            reply = {"id": request_id, "code": OK, "message": "", "model": model, "version": version,
+                     "worker": index}
+            if metas:
+                reply["outputs"] = metas
+            frames[0] = _packb(reply)
+            return frames
         except ServeError as exc:
-            return protocol.error_reply(rid, exc.code, exc.message, model=header.get("model"),
-                                        version=header.get("version"), worker=self.spec.index)
+            model = header.get("model") if header is not None else None
+            return protocol.error_reply(request_id, exc.code, exc.message, model=model, version=version,
+                                        worker=index)[1:]
         except Exception as exc:  # noqa: BLE001
             log.exception("request failed")
-            return protocol.error_reply(rid, INTERNAL, f"{type(exc).__name__}: {exc}", worker=self.spec.index)
+            return protocol.error_reply(request_id, INTERNAL, f"{type(exc).__name__}: {exc}", worker=index)[1:]
 
     def serve(self) -> int:
         import zmq  # noqa: PLC0415
@@ -433,7 +453,7 @@ class WorkerProcess:
             sock.setsockopt(zmq.RCVHWM, 0)
             batching.start()
         sock.connect(spec.backend)
-        sock.send_multipart([protocol.MAGIC, protocol.W_READY, msgpack.packb(
+        sock.send_multipart([protocol.W_READY, msgpack.packb(
             {"index": spec.index, "pid": os.getpid(), "cores": spec.cores,
              "warmup": [[name, version, rt.warmed] for (name, version), rt in self.runtimes.items()]})])
         log.info("ready on cores %s", spec.cores)
@@ -452,7 +472,7 @@ class WorkerProcess:
                 if batching is not None:
                     replies = batching.replies()
                     for reply in replies:
-                        sock.send_multipart(reply, copy=False)
+                        send_frames(sock, reply)
                     if replies:
                         last_sent = time.monotonic()
                     due = batching.next_wakeup()
@@ -460,39 +480,39 @@ class WorkerProcess:
                         wait = due
                 if poller.poll(wait * 1000):
                     # Without batching, one request per poll; with it, every request that is there.
-                    messages = (sock.recv_multipart(copy=False),) if batching is None else _read_burst(sock)
+                    messages = (recv_frames(sock),) if batching is None else _read_burst(sock)
                     for frames in messages:
                         last_heard = time.monotonic()
-                        cmd = frames[1].bytes if len(frames) > 1 else b""
-                        if cmd == protocol.W_REQUEST and len(frames) >= 4:
-                            rid = frames[2].bytes
-                            try:
-                                header = msgpack.unpackb(frames[3].bytes, raw=False, strict_map_key=False)
-                            except Exception:  # noqa: BLE001 - the broker checked it; be safe anyway
-                                header = {}
+                        head = frames[0].bytes
+                        cmd = head[:1]
+                        if cmd == protocol.W_REQUEST and len(head) == _ROUTE_SIZE and len(frames) >= 2:
+                            _, rid, version, deadline, _ = _unpack_route(head)
+                            if deadline != deadline:  # NaN: no deadline
+                                deadline = None
                             if batching is None:
-                                reply = self.handle(header, frames[4:])
+                                reply = self.handle(version, deadline, frames[1], frames[2:])
                             else:
-                                reply = batching.submit(rid, header, frames[4:], self.resolve)
+                                reply = batching.submit(rid, version, deadline, frames[1], frames[2:], self.resolve)
                                 if reply is None:  # queued: a batch thread answers it
                                     continue
-                            sock.send_multipart([protocol.MAGIC, protocol.W_REPLY, rid] + reply[1:], copy=False)
+                                reply = reply[1:]
+                            send_frames(sock, [protocol.reply_frame(rid), *reply])
                             # Time spent running a request is not broker silence.
                             last_sent = last_heard = time.monotonic()
-                        elif cmd == protocol.W_LOAD and len(frames) >= 3:
-                            self._start_load(frames)
-                        elif cmd == protocol.W_UNLOAD and len(frames) >= 3:
-                            self._unload(frames)
+                        elif cmd == protocol.W_LOAD and len(frames) >= 2:
+                            self._start_load(frames[1])
+                        elif cmd == protocol.W_UNLOAD and len(frames) >= 2:
+                            self._unload(frames[1])
                         elif cmd == protocol.W_STOP:
                             if batching is not None:  # drain: run what is queued, send the last replies
                                 for reply in batching.stop():
-                                    sock.send_multipart(reply, copy=False)
+                                    send_frames(sock, reply)
                                 self.served += batching.served
                             log.info("stopping after %d requests", self.served)
                             return EXIT_OK
                 now = time.monotonic()
                 if now - last_sent >= interval:
-                    sock.send_multipart([protocol.MAGIC, protocol.W_HEARTBEAT])
+                    sock.send(protocol.W_HEARTBEAT)
                     last_sent = now
                 if os.getppid() != self.parent or now - last_heard > interval * 10:
                     log.error("broker is gone; exiting")
@@ -512,10 +532,21 @@ def _read_burst(sock: Any) -> list[list[Any]]:
     messages = []
     for _ in range(READ_BURST):
         try:
-            messages.append(sock.recv_multipart(zmq.NOBLOCK, copy=False))
+            messages.append(recv_frames(sock, zmq.NOBLOCK))
         except zmq.Again:
             break
     return messages
+
+
+def _read_header(frame: Any) -> dict[str, Any]:
+    """The client's header from its frame (the broker decoded it once already; be safe anyway)."""
+    try:
+        header = _unpackb(frame.buffer if hasattr(frame, "buffer") else frame, raw=False, strict_map_key=False)
+    except Exception as exc:  # noqa: BLE001
+        raise InvalidArgument(f"header frame is not valid msgpack ({type(exc).__name__})") from None
+    if not isinstance(header, dict):
+        raise InvalidArgument("header frame must be a msgpack map")
+    return header
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,7 +28,9 @@ import msgpack
 import zmq
 
 from sgserve.config import WorkerSpec
-from sgserve.protocol import MAGIC, W_HEARTBEAT, W_READY, W_REPLY, W_REQUEST, W_STOP
+from sgserve.errors import ServeError
+from sgserve.protocol import (DEFAULT_SIGNATURE, W_HEARTBEAT, W_READY, W_REQUEST, W_STOP, check_tensors, parse_route,
+                              reply_frame)
 
 ORPHAN_AFTER = 10.0  # seconds without hearing from the broker before exiting: never outlive a test
 
@@ -63,8 +65,7 @@ def main(argv: list[str]) -> int:
     sock.setsockopt(zmq.IDENTITY, f"w{spec.index}-{os.getpid()}".encode())
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(spec.backend)
-    sock.send_multipart([MAGIC, W_READY, msgpack.packb({"index": spec.index, "pid": os.getpid(),
-                                                        "cores": spec.cores})])
+    sock.send_multipart([W_READY, msgpack.packb({"index": spec.index, "pid": os.getpid(), "cores": spec.cores})])
     interval_ms = spec.heartbeat_interval * 1000.0
     heard = time.monotonic()
     while True:
@@ -72,30 +73,35 @@ def main(argv: list[str]) -> int:
             if time.monotonic() - heard > ORPHAN_AFTER:
                 return 0
             if not silent:
-                sock.send_multipart([MAGIC, W_HEARTBEAT])
+                sock.send(W_HEARTBEAT)
             continue
         frames = sock.recv_multipart(copy=False)
         heard = time.monotonic()
-        command = frames[1].bytes
+        command = frames[0].bytes[:1]
         if command == W_STOP:
             return 0
         if command == W_REQUEST:
-            serve(sock, spec, frames[2].bytes, msgpack.unpackb(frames[3].bytes, raw=False), frames[4:])
+            serve(sock, spec, frames[0].bytes, msgpack.unpackb(frames[1].bytes, raw=False), frames[2:])
 
 
-def serve(sock: zmq.Socket, spec: WorkerSpec, rid: bytes, header: dict, payload: list) -> None:
+def serve(sock: zmq.Socket, spec: WorkerSpec, route: bytes, header: dict, payload: list) -> None:
+    rid, version, deadline, attempt = parse_route(route)
+    reply = {"id": header.get("id"), "model": header.get("model"), "version": version, "worker": spec.index}
+    try:  # the worker validates tensor frames (the broker no longer does): the same check as sgserve's
+        check_tensors(header.get("inputs"), payload)
+    except ServeError as exc:
+        reply.update(code=exc.code, message=exc.message)
+        sock.send_multipart([reply_frame(rid), msgpack.packb(reply)])
+        return
     metas = header.get("inputs") or []
     names = [m["name"] for m in metas]
     if "crash" in names:
         os._exit(1)
     if "sleep_s" in names:
         time.sleep(struct.unpack("<f", payload[names.index("sleep_s")].bytes[:4])[0])
-    reply = {"id": header.get("id"), "model": header.get("model"), "version": header.get("version"),
-             "worker": spec.index}
-    deadline = header.get("deadline")
     if deadline is not None and time.time() > deadline:
         reply.update(code=504, message="deadline exceeded before the worker ran the request")
-        sock.send_multipart([MAGIC, W_REPLY, rid, msgpack.packb(reply)])
+        sock.send_multipart([reply_frame(rid), msgpack.packb(reply)])
         return
     wanted = header.get("output_filter")
     outputs, frames = [], []
@@ -104,8 +110,9 @@ def serve(sock: zmq.Socket, spec: WorkerSpec, rid: bytes, header: dict, payload:
             outputs.append(meta)
             frames.append(frame)
     reply.update(code=200, message="", outputs=outputs,
-                 broker={k: header.get(k) for k in ("signature", "deadline", "attempt", "routing_key")})
-    sock.send_multipart([MAGIC, W_REPLY, rid, msgpack.packb(reply, use_bin_type=True), *frames], copy=False)
+                 broker={"signature": header.get("signature") or DEFAULT_SIGNATURE, "deadline": deadline,
+                         "attempt": attempt, "routing_key": header.get("routing_key")})
+    sock.send_multipart([reply_frame(rid), msgpack.packb(reply, use_bin_type=True), *frames], copy=False)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,334 @@
+"""The broker's routing core: frames in, frames out, no sockets.
+
+``RoutingCore`` is the whole request path of the broker as a state machine. The socket loop
+(broker.py) hands it each client message (``from_client``) and each worker message
+(``from_worker``), and calls ``tick`` every few milliseconds; the core answers through the two
+send functions it was built with. Unit tests build it with functions that record frames, and feed
+it frames: no processes, no sockets.
+
+What it does per predict request, and nothing more: decode the client's header (routing needs the
+model, version, signature, routing key and timeout), resolve the version, pick a worker with the
+dispatch policy, and forward the client's header frame and payload frames untouched, behind one
+command frame with the request id, resolved version, deadline and attempt. Tensor frames are
+validated once, by the worker, which runs in parallel; the broker checks only the size limit and
+the header fields it routes on. Replies are forwarded to the client untouched.
+
+Every request it accepts gets exactly one answer: a worker reply, 429 when the queue is full, 504
+when its deadline passes in the queue, a retry on another worker when the one holding it dies
+(then 503), or 503 at shutdown.
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import math
+import time
+from typing import Any, Callable, Sequence
+
+import msgpack
+
+from sgserve.broker.policies import DispatchPolicy, DispatchRequest
+from sgserve.broker.worker_table import WorkerSlot, WorkerTable
+from sgserve.config import ModelSpec, ServerConfig
+from sgserve.errors import (DEADLINE_EXCEEDED, INTERNAL, UNAVAILABLE, DeadlineExceeded, InvalidArgument, NotFound,
+                            ResourceExhausted, ServeError, Unavailable)
+from sgserve.protocol import (DEFAULT_SIGNATURE, MAGIC, NO_DEADLINE, PREDICT, REQUEST_TYPES, ROUTE, W_HEARTBEAT,
+                              W_REPLY, W_REQUEST, Envelope, error_reply, split_envelope, unpack_header)
+
+log = logging.getLogger(__name__)
+
+_unpackb = msgpack.unpackb
+_pack_route = ROUTE.pack
+_REPLY = W_REPLY[0]
+_HEARTBEAT = W_HEARTBEAT[0]
+
+SendToClient = Callable[[list[Any]], None]  # frames, the client's routing prefix first
+SendToWorker = Callable[[bytes, list[Any]], bool]  # (worker identity, frames); False: the worker is gone
+AdminHandler = Callable[[str, dict[str, Any]], dict[str, Any]]  # (type, header) -> reply fields
+ControlHandler = Callable[[bytes, int, list[Any], float], None]  # (identity, command, frames, now)
+LostHandler = Callable[[WorkerSlot, str], None]  # a worker taken out of service: kill its process
+
+
+class RoutingCore:
+    """See the module docstring. ``resolve(header) -> ModelSpec`` names the version a request is
+    for (404/503 as ServeError); ``admin`` answers every request type but predict and ping;
+    ``on_control`` gets backend commands other than replies and heartbeats (READY, LOADED...);
+    ``on_lost`` is told about a worker the core took out of service (silent, hung, unreachable),
+    after the core has failed over what it held."""
+
+    def __init__(self, config: ServerConfig, table: WorkerTable, policy: DispatchPolicy, *,
+                 resolve: Callable[[dict[str, Any]], ModelSpec], to_client: SendToClient,
+                 to_worker: SendToWorker, admin: AdminHandler, on_control: ControlHandler,
+                 on_lost: LostHandler) -> None:
+        self.config = config
+        self.table = table
+        self.policy = policy
+        self.queue: collections.deque[DispatchRequest] = collections.deque()
+        self.stopping = False  # set by the broker: every new request gets 503
+        self._resolve = resolve
+        self._to_client = to_client
+        self._to_worker = to_worker
+        self._admin = admin
+        self._on_control = on_control
+        self._on_lost = on_lost
+        self._rids = itertools.count(1)
+        self._max_bytes = config.max_request_bytes
+        self._max_enqueued = config.max_enqueued
+
+    # -- client messages -------------------------------------------------------------------------
+    def from_client(self, frames: Sequence[Any]) -> None:
+        """One frontend message: ``[identity, (empty if REQ), MAGIC, header, payload...]``."""
+        envelope, msg = split_envelope(frames)
+        request_id = None
+        try:
+            size = 0
+            for frame in msg:
+                size += len(frame)
+            if size > self._max_bytes:
+                request_id = _peek_id(msg)
+                raise InvalidArgument(f"request is {size} bytes, over the server's limit of "
+                                      f"{self._max_bytes} bytes (--max-request-bytes)")
+            header, payload = unpack_header(msg)
+            request_id = header.get("id")
+            rtype = header.get("type")
+            if rtype not in REQUEST_TYPES:
+                what = "has no 'type'" if rtype is None else f"has unknown type {rtype!r}"
+                raise InvalidArgument(f"request {what}; expected one of {', '.join(REQUEST_TYPES)}")
+            if self.stopping:
+                raise Unavailable("server is shutting down")
+            if rtype == PREDICT:
+                self._predict(envelope, header, msg[1], payload)
+            else:
+                fields = self._admin(rtype, header)
+                reply = {"id": request_id, "code": 200, "message": ""}
+                reply.update(fields)
+                self._to_client(envelope.prefix + [MAGIC, msgpack.packb(reply, use_bin_type=True)])
+        except ServeError as exc:
+            self._to_client(envelope.wrap(error_reply(request_id, exc.code, exc.message)))
+        except Exception as exc:  # noqa: BLE001 - answer 500 and keep serving
+            log.exception("unexpected error handling a client request")
+            self._to_client(envelope.wrap(error_reply(
+                request_id, INTERNAL, f"internal error in the broker: {type(exc).__name__}: {exc}")))
+
+    def _predict(self, envelope: Envelope, header: dict[str, Any], header_frame: Any, payload: list[Any]) -> None:
+        spec = self._resolve(header)
+        signature = header.get("signature")
+        if signature is None:
+            signature = DEFAULT_SIGNATURE
+        elif type(signature) is not str:
+            raise InvalidArgument(f"'signature' must be a string, got {type(signature).__name__}")
+        if signature not in spec.signatures:
+            raise NotFound(f"model '{spec.name}' version {spec.version} has no signature '{signature}'; "
+                           f"available signatures: {', '.join(sorted(spec.signatures)) or '(none)'}")
+        output_filter = header.get("output_filter")
+        if output_filter is not None and (type(output_filter) is not list
+                                          or not all(type(n) is str for n in output_filter)):
+            raise InvalidArgument("'output_filter' must be a list of output names")
+        routing_key = header.get("routing_key")
+        if routing_key is not None and not isinstance(routing_key, (int, str, bytes)):
+            raise InvalidArgument(f"'routing_key' must be an integer, string or bytes, "
+                                  f"got {type(routing_key).__name__}")
+        timeout_ms = header.get("timeout_ms")
+        deadline = None if timeout_ms is None else _deadline(timeout_ms)
+        request = DispatchRequest(next(self._rids), envelope, header, payload, spec.name, spec.version, signature,
+                                  routing_key, envelope.identity[0], deadline, time.monotonic(),
+                                  header_frame=header_frame)
+        queue = self.queue
+        if not queue and self._dispatch(request):
+            return
+        if len(queue) >= self._max_enqueued:
+            raise ResourceExhausted(f"server overloaded: {len(queue)} requests queued (--max-enqueued); "
+                                    f"retry later")
+        queue.append(request)
+
+    # -- worker messages -------------------------------------------------------------------------
+    def from_worker(self, frames: Sequence[Any]) -> None:
+        """One backend message: ``[worker identity, command frame, ...]``."""
+        if len(frames) < 2:
+            log.warning("dropping a malformed backend message (%d frames)", len(frames))
+            return
+        identity = frames[0].bytes
+        head = frames[1].bytes
+        command = head[0] if head else -1
+        now = time.monotonic()
+        if command == _REPLY:
+            if len(frames) < 3 or len(head) != 9:
+                log.warning("dropping a reply without request id and header from %r", identity)
+                return
+            request = self.table.mark_idle(int.from_bytes(head[1:9], "little"), identity, now)
+            if request is None:
+                slot = self.table.by_identity(identity)
+                if slot is not None:
+                    self.table.seen(slot, now)
+                log.debug("dropping a reply from %r for a request it no longer holds", identity)
+                return
+            self._to_client(request.envelope.prefix + [MAGIC, *frames[2:]])
+            if self.queue:
+                self.pump()
+        elif command == _HEARTBEAT:
+            slot = self.table.by_identity(identity)
+            if slot is not None:
+                self.table.seen(slot, now)
+        else:
+            self._on_control(identity, command, list(frames[2:]), now)
+
+    # -- dispatch --------------------------------------------------------------------------------
+    def _dispatch(self, request: DispatchRequest) -> bool:
+        """True when the request is handled (sent, or failed with an answer); False to keep it queued."""
+        table = self.table
+        while True:
+            slots = table.free()
+            if not slots:
+                return False
+            try:
+                slot = self.policy.choose(request, slots)
+            except Exception as exc:  # noqa: BLE001 - a plugin bug fails one request, not the server
+                log.exception("dispatch policy %r failed", self.config.policy)
+                self.fail(request, INTERNAL, f"dispatch policy {self.config.policy!r} failed: "
+                                             f"{type(exc).__name__}: {exc}")
+                return True
+            if slot is None:
+                return False
+            if not isinstance(slot, WorkerSlot) or table.get(slot.index) is not slot or not table.has_capacity(slot):
+                log.error("dispatch policy %r returned %r, which is not one of the free workers",
+                          self.config.policy, slot)
+                self.fail(request, INTERNAL, f"dispatch policy {self.config.policy!r} returned "
+                                             f"something other than one of the free workers")
+                return True
+            deadline = request.deadline
+            route = _pack_route(W_REQUEST, request.rid, request.version,
+                                NO_DEADLINE if deadline is None else deadline, request.attempt)
+            if self._to_worker(slot.identity, [route, request.header_frame, *request.payload]):
+                request.sent_at = time.monotonic()
+                table.mark_busy(slot, request)
+                return True
+            self.worker_lost(slot, "disconnected from the broker")
+
+    def pump(self) -> None:
+        """Moves queued requests to free workers, oldest first; answers the expired ones."""
+        queue = self.queue
+        wall = time.time()
+        now = time.monotonic()
+        while queue and self.table.free():
+            request = queue.popleft()
+            if self._expire(request, wall, now):
+                continue
+            if not self._dispatch(request):
+                queue.appendleft(request)
+                return
+
+    def _expire(self, request: DispatchRequest, wall: float, now: float) -> bool:
+        """Answers a queued request whose time is up; True when it did."""
+        if request.died_on is not None:
+            if (request.deadline is not None and wall >= request.deadline) or \
+                    (request.retry_until is not None and now >= request.retry_until):
+                self.fail(request, UNAVAILABLE, f"worker {request.died_on} died while serving the request, "
+                                                f"and no other worker could take it in time")
+                return True
+            return False
+        if request.deadline is not None and wall >= request.deadline:
+            waited = (now - request.received_at) * 1000.0
+            self.fail(request, DEADLINE_EXCEEDED, f"deadline exceeded after {waited:.0f} ms queued in the "
+                                                  f"broker waiting for a free worker; the request was not run")
+            return True
+        return False
+
+    # -- time ------------------------------------------------------------------------------------
+    def tick(self, now: float, silence: float, worker_timeout: float) -> None:
+        """Expired queued requests, silent workers (nothing heard for ``silence`` s while idle) and
+        hung workers (a request held ``worker_timeout`` s without a reply)."""
+        queue = self.queue
+        if queue:
+            wall = time.time()
+            keep: collections.deque[DispatchRequest] = collections.deque()
+            for request in queue:
+                if not self._expire(request, wall, now):
+                    keep.append(request)
+            if len(keep) != len(queue):
+                self.queue = queue = keep
+            if self.table.free():
+                self.pump()
+        for slot in self.table.expired(now, silence):
+            self.worker_lost(slot, f"sent nothing for {now - slot.last_seen:.1f} s "
+                                   f"(heartbeat interval {self.config.heartbeat_interval:g} s x "
+                                   f"liveness {self.config.heartbeat_liveness})")
+        for slot in self.table.hung(now, worker_timeout):
+            self.worker_lost(slot, f"held a request for over {worker_timeout:g} s without replying (--worker-timeout)")
+
+    # -- failures --------------------------------------------------------------------------------
+    def worker_lost(self, slot: WorkerSlot, why: str) -> None:
+        """Takes a silent, hung or unreachable worker out of service; the broker kills it."""
+        log.warning("worker %d (pid %s) %s; killing it", slot.index, slot.pid, why)
+        orphans = self.table.mark_dead(slot)
+        self._on_lost(slot, why)
+        self.fail_over(orphans, slot.index)
+
+    def fail_over(self, orphans: list[DispatchRequest], index: int) -> None:
+        """Retries each request a dead worker held once, on another worker; else answers 503."""
+        if not orphans:
+            return
+        retry_until = time.monotonic() + self.config.boot_timeout
+        retried = 0
+        for request in reversed(orphans):  # appendleft in reverse keeps their order at the front
+            if self.stopping or request.attempt >= 1:
+                again = " (it was already a retry)" if request.attempt >= 1 else ""
+                self.fail(request, UNAVAILABLE, f"worker {index} died while serving the request{again}")
+            else:
+                request.attempt = 1
+                request.died_on = index
+                request.retry_until = retry_until
+                self.queue.appendleft(request)
+                retried += 1
+        log.warning("worker %d held %d request(s): %d retried, %d failed with 503", index, len(orphans),
+                    retried, len(orphans) - retried)
+        self.pump()
+
+    def fail(self, request: DispatchRequest, code: int, message: str) -> None:
+        self._to_client(request.envelope.wrap(error_reply(request.request_id, code, message)))
+
+    def fail_all(self, reason: str) -> None:
+        """Answers every queued and in-flight request 503 (the server is going away)."""
+        pending = list(self.queue)
+        self.queue.clear()
+        for slot in self.table:
+            pending.extend(self.table.mark_dead(slot))
+        for request in pending:
+            self.fail(request, UNAVAILABLE, reason)
+
+    # -- reading ---------------------------------------------------------------------------------
+    def drained(self) -> bool:
+        return not self.queue and self.table.inflight_count() == 0
+
+    def requests_for(self, model: str, version: int) -> int:
+        """Queued and in-flight requests for one version: an UNLOADING version waits for zero."""
+        n = sum(1 for r in self.queue if r.version == version and r.model == model)
+        for slot in self.table:
+            n += sum(1 for r in slot.inflight.values() if r.version == version and r.model == model)
+        return n
+
+
+def _deadline(timeout_ms: Any) -> float | None:
+    """Absolute time.time() deadline from the client's timeout_ms; 504 when already passed."""
+    if isinstance(timeout_ms, bool) or not isinstance(timeout_ms, (int, float)) or timeout_ms != timeout_ms:
+        raise InvalidArgument(f"'timeout_ms' must be a number of milliseconds, got {timeout_ms!r}")
+    if timeout_ms <= 0:
+        raise DeadlineExceeded(f"deadline exceeded before the request reached the server "
+                               f"(timeout_ms={timeout_ms})")
+    if math.isinf(timeout_ms):
+        return None
+    return time.time() + timeout_ms / 1000.0
+
+
+def _peek_id(msg: Sequence[Any]) -> Any:
+    """The request id of an oversized message, when its header is small enough to read."""
+    try:
+        if len(msg) >= 2 and len(msg[1]) <= 65536:
+            header, _ = unpack_header(msg[:2])
+            return header.get("id")
+    except Exception:  # noqa: BLE001 - best effort only
+        pass
+    return None
+
+
+__all__ = ["RoutingCore"]
