@@ -1,46 +1,62 @@
-"""A model version inside a worker: shared-memory tensors + one TF function per signature.
+"""A model version inside a worker: the shared tables bound once into a TF1 session, and one call
+plan (worker/call_plan.py) per signature.
 
-The variables are zero-copy views of the segment (DLPack over a read-only mapping); the serving
-graph (rewritten by the loader, see model_graph.py) takes them as plain tensor inputs. They are
-captured by closure in a tf.function that imports the graph: measured to cost the same per call as
-the stock signature, while passing them as call arguments was 2-10x slower (design notes).
+Why a session and not a tf.function: measured in one process pinned to one core with 1 intra-op +
+1 inter-op thread, result read back as numpy, a session callable made with
+``Session._make_callable_from_options`` and run in the caller's thread costs 4.7 us for
+y = 0.5x + 2 (batch 1) and 13.5 us for an embedding lookup + MLP (batch 32). The cheapest eager
+path (the function's op run with ``TFE_Py_Execute`` on an EagerTensor) costs 37-40 / 75-86 us and
+the structured ConcreteFunction call 131 / 194 us: eager functions always hop to the inter-op pool
+and back, and that pool's thread spins after each request. The public ``Session.make_callable``
+goes through ``Session.run`` (68 / 104 us), so the callables here come from the options API.
+
+Zero-copy: each table is fed once, as a numpy view of the read-only mapping, to a
+``GetSessionHandle`` op; the session keeps that tensor (TensorFlow wraps a 64-byte aligned ndarray
+without copying it, and the segment aligns every tensor to 64 bytes) and the serving graph reads it
+with ``GetSessionTensor``, which passes the buffer by reference. No variable is created, so no
+ResourceGather can copy a table (design notes, facts 1-4). Measured: a 384 MiB table adds no
+private memory over 1,000 requests (USS), and a version's private memory is 11 MiB below the
+eager runtime's.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
+import threading
 import weakref
 from typing import Any
 
 import msgpack
 import numpy as np
+import tensorflow as tf
+from tensorflow.core.protobuf import config_pb2
+from tensorflow.python.framework import graph_util_impl
 
 from sgserve.errors import InvalidArgument
 from sgserve.shared_segment import SegmentView
+from sgserve.worker.call_plan import CallPlan, InputSpec
 
 log = logging.getLogger(__name__)
 
+__all__ = ["InputSpec", "SignatureRunner", "ModelRuntime", "map_segment", "SYNTHETIC_BATCHES"]
+
 SYNTHETIC_BATCHES = (1, 8, 64, 256)  # rows of the synthetic warmup requests of a batched signature
-
-
-@dataclasses.dataclass
-class InputSpec:
-    name: str
-    tensor: str
-    dtype: str  # wire dtype
-    shape: list[int] | None  # -1 = any
+TABLE_ALIGN = 64  # TensorFlow copies a fed ndarray that is not aligned to EIGEN_MAX_ALIGN_BYTES
+PREFIX = "m"  # the serving graph's name scope in the session graph
+# Output dtypes TensorFlow's Snapshot kernel takes (a copy only when the buffer is shared).
+_SNAPSHOT_DTYPES = {tf.bool, tf.float16, tf.bfloat16, tf.float32, tf.float64, tf.complex64, tf.complex128,
+                    tf.int8, tf.int16, tf.int32, tf.int64, tf.uint8, tf.uint16, tf.uint32, tf.uint64}
 
 
 class SignatureRunner:
     """One signature of one model version, ready to call."""
 
-    def __init__(self, name: str, sig: dict[str, Any], fn, input_order: list[str], output_order: list[str]) -> None:
+    def __init__(self, name: str, sig: dict[str, Any], plan: CallPlan) -> None:
         self.name = name
         self.method = sig.get("method", "")
-        self.inputs = {n: InputSpec(n, v["tensor"], v["dtype"], v["shape"]) for n, v in sig["inputs"].items()}
-        self.output_names = output_order
-        self._fn = fn
-        self._order = input_order
+        self.inputs = {spec.name: spec for spec in plan.inputs}
+        self.output_names = plan.output_names
+        self.plan = plan
+        self._order = [spec.name for spec in plan.inputs]
 
     def validate(self, arrays: dict[str, np.ndarray], output_filter: list[str] | None = None) -> None:
         """400s that name the input (or the filtered output) and what was expected."""
@@ -66,144 +82,183 @@ class SignatureRunner:
                 raise InvalidArgument(f"output_filter names unknown output(s) {unknown}; "
                                       f"signature '{self.name}' has {self.output_names}")
 
+    def run_wire(self, metas: list | None, payload: list,
+                 output_filter: list[str] | None = None) -> dict[str, np.ndarray]:
+        """Runs a request straight off the wire: the header's ``inputs`` entries and the payload
+        frames (zmq.Frame, bytes or memoryview). Refuses what ``protocol.check_tensors`` and then
+        validate() refuse, with their messages; the numeric inputs are views of the frames."""
+        plan = self.plan
+        feeds = plan.bind_wire(metas, payload)
+        if feeds is None or (output_filter and not plan.filter_ok(output_filter)):
+            feeds = plan.checked_wire(metas, payload, output_filter, self.validate)
+        return plan.call(feeds, output_filter)
+
+    def validate_wire(self, metas: list | None, payload: list,
+                      output_filter: list[str] | None = None) -> dict[str, np.ndarray]:
+        """decode_tensors + validate() in one pass, for the batching path: the arrays by name."""
+        feeds = self.plan.checked_wire(metas, payload, output_filter, self.validate)
+        return dict(zip(self._order, feeds))
+
     def run(self, arrays: dict[str, np.ndarray], output_filter: list[str] | None = None) -> dict[str, np.ndarray]:
-        self.validate(arrays, output_filter)
-        return self.execute(arrays, output_filter)
+        feeds = self.plan.bind_fast(arrays)
+        if feeds is None or (output_filter and not self.plan.filter_ok(output_filter)):
+            self.validate(arrays, output_filter)
+            feeds = self.plan.bind_arrays(arrays)
+        return self.plan.call(feeds, output_filter)
 
     def execute(self, arrays: dict[str, np.ndarray], output_filter: list[str] | None = None) -> dict[str, np.ndarray]:
         """run() without validate(): for a batch merged from requests that each passed validate(), so
         that one bad request is refused alone instead of failing the whole batch."""
-        import tensorflow as tf  # noqa: PLC0415
-
-        args = []
-        for n in self._order:
-            a = arrays[n]
-            if a.dtype.kind == "O":
-                args.append(tf.constant(a.tolist() if a.ndim else a.item(), dtype=tf.string, shape=a.shape))
-            else:
-                args.append(tf.constant(a))
-        try:
-            outs = self._fn(*args)
-        except tf.errors.InvalidArgumentError as exc:
-            raise InvalidArgument(f"signature '{self.name}': {exc.message.splitlines()[0][:500]}") from None
-        result = {}
-        for n, t in zip(self.output_names, outs):
-            if output_filter and n not in output_filter:
-                continue
-            v = t.numpy()
-            result[n] = v
-        return result
+        return self.plan.call(self.plan.bind_arrays(arrays), output_filter)
 
 
 _views: "weakref.WeakValueDictionary[str, SegmentView]" = weakref.WeakValueDictionary()
+_views_lock = threading.Lock()  # versions load on the loader thread while the serve loop runs
 
 
 def map_segment(name: str) -> SegmentView:
     """One mapping per segment per process, shared by every version that uses it (incremental
     updates share unchanged tensors between versions). It is unmapped once no version uses it."""
-    view = _views.get(name)
-    if view is None:
-        view = _views[name] = SegmentView(name)
-    return view
+    with _views_lock:
+        view = _views.get(name)
+        if view is None:
+            view = _views[name] = SegmentView(name)
+        return view
+
+
+def session_config() -> config_pb2.ConfigProto:
+    """This process's thread settings (serve.py sets them before loading) for a session.
+
+    With at most one inter-op thread the graph runs in the calling thread: no hop to a pool and
+    back, and no pool thread left spinning after each request. Pool threads (intra-op, or inter-op
+    when there are several) do not spin either: TensorFlow's Eigen pools busy-wait for work after
+    each task, which cost a 2-thread intra-op pool about 20% more CPU per request, for no gain in
+    latency measured here. The first session of the process creates the intra-op pool, so this
+    holds as long as nothing ran TensorFlow eagerly before the first version was loaded."""
+    intra = tf.config.threading.get_intra_op_parallelism_threads()
+    inter = tf.config.threading.get_inter_op_parallelism_threads()
+    cfg = config_pb2.ConfigProto(intra_op_parallelism_threads=intra,
+                                 inter_op_parallelism_threads=-1 if inter <= 1 else inter,
+                                 allow_soft_placement=True)
+    cfg.experimental.disable_thread_spinning = True
+    return cfg
 
 
 class ModelRuntime:
-    """A loaded model version in this worker: the mappings, the tensors and the signature runners."""
+    """A loaded model version in this worker: the mappings, its session and the signature runners."""
 
     def __init__(self, segment: str) -> None:
-        import tensorflow as tf  # noqa: PLC0415
-
         self.view = map_segment(segment)
         m = self.view.manifest
         self.name: str = m["model"]
         self.version: int = int(m["version"])
         self.base_path: str = m.get("base_path", "")
-        self._tensors: dict[str, Any] = {}
         self._views = {segment: self.view}  # every segment this version maps, kept alive with it
-        for t in m["tensors"]:
-            node = t["node"]
-            other = t.get("segment")
-            view = self.view if other is None else self._views.get(other)
-            if view is None:
-                view = self._views[other] = map_segment(other)
-            if t["dtype"] == "string":
-                items = msgpack.unpackb(view.raw(t["offset"], t["nbytes"]), raw=True)
-                self._tensors[node] = tf.constant(np.array(items, dtype=object).reshape(t["shape"]), dtype=tf.string)
-                continue
-            if t["nbytes"] == 0:
-                self._tensors[node] = tf.zeros(t["shape"], dtype=t["dtype"])
-                continue
-            arr = view.array(t["offset"], t["dtype"], t["shape"])
-            self._tensors[node] = tf.experimental.dlpack.from_dlpack(arr.__dlpack__())
-        self._graph_def = tf.compat.v1.GraphDef()
-        self._graph_def.ParseFromString(m["graph"])
-        self._assets = {k: tf.constant(v) for k, v in m.get("assets", {}).items()}
+        self._config = session_config()
+        self._inline = self._config.inter_op_parallelism_threads < 0
+        graph_def = tf.compat.v1.GraphDef()
+        graph_def.ParseFromString(m["graph"])
+        self.graph = tf.Graph()
+        with self.graph.as_default():
+            self.session = tf.compat.v1.Session(graph=self.graph, config=self._config)
+            self._release_ops: list[Any] = [tf.constant(0, name="sgserve_flush")]
+            # Whoever drops this version (serve.py's unload, close()) frees its tables at once.
+            self._finalizer = weakref.finalize(self, _release, self.session, self._release_ops)
+            self._finalizer.atexit = False  # an exiting worker leaves that to the kernel
+            input_map = self._bind_tables(m["tensors"])
+            input_map.update({k: tf.constant(v, name="sgserve_asset") for k, v in m.get("assets", {}).items()})
+            self._import(graph_def, m, input_map)
         self._run_init(m.get("init_nodes", []))
         self._rewarm: dict[str, dict[str, np.ndarray]] = {}  # one warmup request per signature
         self.signatures: dict[str, SignatureRunner] = {}
         for sname, sig in m["signatures"].items():
             self.signatures[sname] = self._build_signature(sname, sig)
 
-    def _input_map(self) -> dict[str, Any]:
-        im = {f"{node}:0": t for node, t in self._tensors.items()}
-        im.update(self._assets)
-        return im
+    def _bind_tables(self, entries: list[dict[str, Any]]) -> dict[str, Any]:
+        """Feeds every table once to the session, which keeps it; tensor name -> its reader."""
+        feed: dict[Any, Any] = {}
+        handle_ops: list[tuple[str, Any, Any]] = []
+        for i, t in enumerate(entries):
+            dtype = tf.string if t["dtype"] == "string" else tf.as_dtype(t["dtype"])
+            value = self._table(t)
+            # No static shape: with one, the session's graph optimizer allocates about 4% of the
+            # table's size for the feed (measured: 16 MiB of private memory for a 384 MiB table).
+            ph = tf.compat.v1.placeholder(dtype, None, name=f"sgserve_table_{i}")
+            feed[ph] = value
+            handle_ops.append((t["node"], dtype, tf.compat.v1.get_session_handle(ph, name=f"sgserve_keep_{i}")))
+        # Raw handle strings: the tensors stay until _release deletes them (a TensorHandle object
+        # would delete its tensor whenever Python collects it, by adding ops to the graph then).
+        handles = self.session.run([op for _, _, op in handle_ops], feed) if handle_ops else []
+        readers = {}
+        for i, ((node, dtype, _), h) in enumerate(zip(handle_ops, handles)):
+            raw = tf.constant(h.get_raw_handle(), name=f"sgserve_handle_{i}")
+            readers[f"{node}:0"] = tf.raw_ops.GetSessionTensor(handle=raw, dtype=dtype, name=f"sgserve_read_{i}")
+            self._release_ops.insert(0, tf.raw_ops.DeleteSessionTensor(handle=raw, name=f"sgserve_delete_{i}"))
+        return readers
 
-    def _subgraph(self, fetch_nodes: list[str]):
-        from tensorflow.python.framework import graph_util_impl  # noqa: PLC0415
+    def _table(self, t: dict[str, Any]) -> np.ndarray:
+        """The array to feed for one manifest entry: a view of the mapping for numeric tables."""
+        other = t.get("segment")
+        view = self.view if other is None else self._views.get(other)
+        if view is None:
+            view = self._views[other] = map_segment(other)
+        if t["dtype"] == "string":
+            items = msgpack.unpackb(view.raw(t["offset"], t["nbytes"]), raw=True)
+            return np.array(items, dtype=object).reshape(t["shape"])
+        if t["nbytes"] == 0:
+            return np.zeros(t["shape"], dtype=t["dtype"])
+        arr = view.array(t["offset"], t["dtype"], t["shape"])
+        if arr.ctypes.data % TABLE_ALIGN:  # never for segments the loader wrote; TF would copy it
+            log.warning("%s: table %s is not %d-byte aligned in %s; this worker holds a private copy",
+                        self.name, t["node"], TABLE_ALIGN, view.name)
+        return arr
 
-        return graph_util_impl.extract_sub_graph(self._graph_def, fetch_nodes)
+    def _import(self, graph_def: Any, m: dict[str, Any], input_map: dict[str, Any]) -> None:
+        """Imports what the signatures and the initializers need, tables read from the session."""
+        fetch_nodes = [o["tensor"].split(":")[0] for s in m["signatures"].values() for o in s["outputs"].values()]
+        sub = graph_util_impl.extract_sub_graph(graph_def, list(dict.fromkeys(fetch_nodes + m.get("init_nodes", []))))
+        names = {n.name for n in sub.node}
+        used = {k: v for k, v in input_map.items() if k.split(":")[0] in names}
+        tf.graph_util.import_graph_def(sub, input_map=used, name=PREFIX)
 
     def _run_init(self, init_nodes: list[str]) -> None:
-        """Runs the table initializers once; the tables live on in this process's resource manager."""
-        if not init_nodes:
-            return
-        import tensorflow as tf  # noqa: PLC0415
+        """Runs the table initializers once; the tables live on in this session's resource manager."""
+        if init_nodes:
+            self.session.run([self.graph.get_operation_by_name(f"{PREFIX}/{n}") for n in init_nodes])
 
-        gd = self._subgraph(init_nodes)
-        names = {n.name for n in gd.node}
-        im = {k: v for k, v in self._input_map().items() if k.split(":")[0] in names}
-
-        @tf.function
-        def init():
-            graph = tf.compat.v1.get_default_graph()
-            cim = {k: graph.capture(v) for k, v in im.items()}
-            ops = tf.graph_util.import_graph_def(gd, input_map=cim, return_elements=init_nodes, name="init")
-            with tf.control_dependencies(ops):
-                return tf.constant(0)
-
-        init()
+    def _make_callable(self, feeds: list[str], fetches: list[str]) -> Any:
+        opts = config_pb2.CallableOptions(feed=feeds, fetch=fetches)
+        if self._inline:
+            opts.run_options.inter_op_thread_pool = -1  # the calling thread runs the graph
+        return self.session._make_callable_from_options(opts)
 
     def _build_signature(self, sname: str, sig: dict[str, Any]) -> SignatureRunner:
-        import tensorflow as tf  # noqa: PLC0415
-
         order = sorted(sig["inputs"])
-        out_order = sorted(sig["outputs"])
-        out_tensors = [sig["outputs"][o]["tensor"] for o in out_order]
-        gd = self._subgraph(list(dict.fromkeys(t.split(":")[0] for t in out_tensors)))
-        names = {n.name for n in gd.node}
-        captured = {k: v for k, v in self._input_map().items() if k.split(":")[0] in names}
-        in_tensors = [sig["inputs"][n]["tensor"] for n in order]
-        specs = []
-        for n in order:
-            s = sig["inputs"][n]
-            shape = None if s["shape"] is None else [None if d == -1 else d for d in s["shape"]]
-            specs.append(tf.TensorSpec(shape, tf.string if s["dtype"] == "string" else tf.as_dtype(s["dtype"]), name=n))
+        inputs = [InputSpec(n, sig["inputs"][n]["tensor"], sig["inputs"][n]["dtype"], sig["inputs"][n]["shape"])
+                  for n in order]
+        feeds = [f"{PREFIX}/{spec.tensor}" for spec in inputs]
+        fetch_of: dict[str, str] = {}
+        with self.graph.as_default():
+            for o, info in sorted(sig["outputs"].items()):
+                t = self.graph.get_tensor_by_name(f"{PREFIX}/{info['tensor']}")
+                # A fresh tensor for every output: a session cannot fetch a tensor it is fed (an
+                # input passed through), and Snapshot copies a buffer TensorFlow shares (a table).
+                op = tf.raw_ops.Snapshot if t.dtype in _SNAPSHOT_DTYPES else tf.raw_ops.Identity
+                fetch_of[o] = op(input=t, name="sgserve_out").name  # TF makes the name unique
 
-        def call(*args):
-            # Eager tensors enter the function as captures: passed by reference, never copied.
-            graph = tf.compat.v1.get_default_graph()
-            im = {k: graph.capture(v) for k, v in captured.items()}
-            for t, a in zip(in_tensors, args):
-                im[t] = a
-            return tf.graph_util.import_graph_def(gd, input_map=im, return_elements=out_tensors, name="m")
+        def make_callable(outputs: list[str]) -> Any:
+            return self._make_callable(feeds, [fetch_of[o] for o in outputs])
 
-        fn = tf.function(call).get_concrete_function(*specs)
-        return SignatureRunner(sname, sig, fn, order, out_order)
+        plan = CallPlan(sname, inputs, sorted(sig["outputs"]), make_callable, tf.errors.InvalidArgumentError)
+        return SignatureRunner(sname, sig, plan)
+
+    def close(self) -> None:
+        """Frees the tables' tensors and the session now rather than when Python collects this."""
+        self._finalizer()
 
     def rewarm(self) -> None:
-        """Runs one warmup request per signature again, on the calling thread: the serve loop's
-        thread pays a first call of its own (TensorFlow keeps some state per thread) otherwise."""
+        """Runs one warmup request per signature again, on the calling thread (the serve loop's),
+        so that whatever TensorFlow sets up per thread is not paid by the first real request."""
         for name, inputs in self._rewarm.items():
             try:
                 self.signatures[name].run(inputs)
@@ -251,6 +306,20 @@ class ModelRuntime:
         return ran
 
 
+def _release(session: Any, release_ops: list[Any]) -> None:
+    """Deletes the session's tensors, then lets go of the mapping: TensorFlow hands the ndarrays
+    it wrapped back to Python only at its next call (it cannot take the GIL where it frees them),
+    hence the last op, a constant, run on its own. Then closes the session."""
+    try:
+        if len(release_ops) > 1:
+            session.run(release_ops[:-1])
+        session.run(release_ops[-1])
+    except Exception as exc:  # noqa: BLE001 - interpreter shutdown, or a session already closed
+        log.debug("releasing a session's tables: %s", exc)
+    finally:
+        session.close()
+
+
 def _cast_to(runner: SignatureRunner, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Warmup files written by hand carry JSON numbers: give them the signature's numeric dtypes."""
     out = {}
@@ -260,3 +329,4 @@ def _cast_to(runner: SignatureRunner, inputs: dict[str, np.ndarray]) -> dict[str
             arr = arr.astype(spec.dtype)
         out[name] = arr
     return out
+

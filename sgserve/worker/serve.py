@@ -115,9 +115,9 @@ class WorkerBatching:
                 return protocol.error_reply(request_id, DEADLINE_EXCEEDED,
                                             "deadline exceeded before the request could run")
             model, runner = resolve(header, version)
-            arrays = protocol.decode_tensors(header.get("inputs"), payload)
             output_filter = header.get("output_filter")
-            runner.validate(arrays, output_filter)  # here, so that one bad request cannot fail a batch
+            # Checked here, alone, so that one bad request cannot fail a batch.
+            arrays = runner.validate_wire(header.get("inputs"), payload, output_filter)
             held = HeldRequest(rid, request_id, model, version, deadline)
             key: Hashable = (model, version, runner.name, tuple(output_filter or ()))
             self.batcher.submit(BatchTask(held, key, arrays, deadline))
@@ -413,7 +413,7 @@ class WorkerProcess:
                 return protocol.error_reply(request_id, DEADLINE_EXCEEDED,
                                             "deadline exceeded before the request could run")[1:]
             model, runner = self.resolve(header, version)
-            outputs = runner.run(protocol.decode_tensors(header.get("inputs"), payload), header.get("output_filter"))
+            outputs = runner.run_wire(header.get("inputs"), payload, header.get("output_filter"))
             self.served += 1
             try:
                 metas, frames = [], [None]
@@ -541,7 +541,7 @@ def _read_burst(sock: Any) -> list[list[Any]]:
 def _read_header(frame: Any) -> dict[str, Any]:
     """The client's header from its frame (the broker decoded it once already; be safe anyway)."""
     try:
-        header = _unpackb(frame.buffer if hasattr(frame, "buffer") else frame, raw=False, strict_map_key=False)
+        header = _unpackb(protocol.frame_bytes(frame), raw=False, strict_map_key=False)
     except Exception as exc:  # noqa: BLE001
         raise InvalidArgument(f"header frame is not valid msgpack ({type(exc).__name__})") from None
     if not isinstance(header, dict):
