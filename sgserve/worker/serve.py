@@ -25,6 +25,7 @@ import time
 from typing import Any, Callable, Hashable
 
 import msgpack
+import zmq
 
 from sgserve import protocol
 from sgserve.config import EXIT_BOOT_ERROR, EXIT_MODEL_ERROR, EXIT_OK, WorkerSpec
@@ -42,6 +43,7 @@ _unpackb = msgpack.unpackb
 _packb = msgpack.Packer(use_bin_type=True).pack  # one Packer: not rebuilt per reply
 _unpack_route = protocol.ROUTE.unpack
 _ROUTE_SIZE = protocol.ROUTE.size
+_NOBLOCK = int(zmq.NOBLOCK)
 
 # States of a request held for batching. Only the I/O thread answers (ANSWERED); a batch thread
 # marks the requests of a batch it took RUNNING, after which they are never expired early.
@@ -438,9 +440,37 @@ class WorkerProcess:
             log.exception("request failed")
             return protocol.error_reply(request_id, INTERNAL, f"{type(exc).__name__}: {exc}", worker=index)[1:]
 
-    def serve(self) -> int:
-        import zmq  # noqa: PLC0415
+    def _on_message(self, sock: Any, frames: list[Any]) -> bool:
+        """Handles one backend message; True on W_STOP (the worker then exits)."""
+        head = frames[0].bytes
+        cmd = head[:1]
+        batching = self.batching
+        if cmd == protocol.W_REQUEST and len(head) == _ROUTE_SIZE and len(frames) >= 2:
+            _, rid, version, deadline, _ = _unpack_route(head)
+            if deadline != deadline:  # NaN: no deadline
+                deadline = None
+            if batching is None:
+                reply = self.handle(version, deadline, frames[1], frames[2:])
+            else:
+                reply = batching.submit(rid, version, deadline, frames[1], frames[2:], self.resolve)
+                if reply is None:  # queued: a batch thread answers it
+                    return False
+                reply = reply[1:]
+            send_frames(sock, [protocol.reply_frame(rid), *reply])
+        elif cmd == protocol.W_LOAD and len(frames) >= 2:
+            self._start_load(frames[1])
+        elif cmd == protocol.W_UNLOAD and len(frames) >= 2:
+            self._unload(frames[1])
+        elif cmd == protocol.W_STOP:
+            if batching is not None:  # drain: run what is queued, send the last replies
+                for reply in batching.stop():
+                    send_frames(sock, reply)
+                self.served += batching.served
+            log.info("stopping after %d requests", self.served)
+            return True
+        return False
 
+    def serve(self) -> int:
         spec = self.spec
         batching = self.batching
         ctx = zmq.Context.instance()
@@ -479,43 +509,23 @@ class WorkerProcess:
                     if due is not None and due < wait:
                         wait = due
                 if poller.poll(wait * 1000):
-                    # Without batching, one request per poll; with it, every request that is there.
-                    messages = (recv_frames(sock),) if batching is None else _read_burst(sock)
-                    for frames in messages:
+                    # Every message that is there, without another poll in between: with a
+                    # pipeline of 2 the next request is often already waiting.
+                    for frames in _read_burst(sock):
                         last_heard = time.monotonic()
-                        head = frames[0].bytes
-                        cmd = head[:1]
-                        if cmd == protocol.W_REQUEST and len(head) == _ROUTE_SIZE and len(frames) >= 2:
-                            _, rid, version, deadline, _ = _unpack_route(head)
-                            if deadline != deadline:  # NaN: no deadline
-                                deadline = None
-                            if batching is None:
-                                reply = self.handle(version, deadline, frames[1], frames[2:])
-                            else:
-                                reply = batching.submit(rid, version, deadline, frames[1], frames[2:], self.resolve)
-                                if reply is None:  # queued: a batch thread answers it
-                                    continue
-                                reply = reply[1:]
-                            send_frames(sock, [protocol.reply_frame(rid), *reply])
-                            # Time spent running a request is not broker silence.
-                            last_sent = last_heard = time.monotonic()
-                        elif cmd == protocol.W_LOAD and len(frames) >= 2:
-                            self._start_load(frames[1])
-                        elif cmd == protocol.W_UNLOAD and len(frames) >= 2:
-                            self._unload(frames[1])
-                        elif cmd == protocol.W_STOP:
-                            if batching is not None:  # drain: run what is queued, send the last replies
-                                for reply in batching.stop():
-                                    send_frames(sock, reply)
-                                self.served += batching.served
-                            log.info("stopping after %d requests", self.served)
+                        if self._on_message(sock, frames):
                             return EXIT_OK
+                        last_sent = time.monotonic()
+                else:  # idle: is the broker still there? (PR_SET_PDEATHSIG covers most cases)
+                    if os.getppid() != self.parent:
+                        log.error("broker is gone; exiting")
+                        return EXIT_OK
                 now = time.monotonic()
                 if now - last_sent >= interval:
                     sock.send(protocol.W_HEARTBEAT)
                     last_sent = now
-                if os.getppid() != self.parent or now - last_heard > interval * 10:
-                    log.error("broker is gone; exiting")
+                if now - last_heard > interval * 10:
+                    log.error("heard nothing from the broker for %.0f s; exiting", now - last_heard)
                     return EXIT_OK
         finally:
             sock.close(0)
@@ -527,12 +537,10 @@ class WorkerProcess:
 
 def _read_burst(sock: Any) -> list[list[Any]]:
     """Every message waiting on the socket (at most READ_BURST), without blocking."""
-    import zmq  # noqa: PLC0415
-
     messages = []
     for _ in range(READ_BURST):
         try:
-            messages.append(recv_frames(sock, zmq.NOBLOCK))
+            messages.append(recv_frames(sock, _NOBLOCK))
         except zmq.Again:
             break
     return messages
