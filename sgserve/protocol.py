@@ -319,17 +319,20 @@ def request_id_bytes(n: int) -> bytes:
 
 # -- frame I/O: one helper for the client, the broker and the workers ------------------------------
 _SNDMORE = int(zmq.SNDMORE)
+# pyzmq's Cython send, under the Python-level Socket.send (which only adds DRAFT routing_id/group
+# handling): calling it directly saves about 1 us per frame, 3-4 us per message (measured).
+_send = zmq.backend.Socket.send
 
 
 def send_frames(sock: zmq.Socket, frames: Sequence[Any]) -> None:
     """send_multipart(copy=False) without pyzmq's per-call type checks and enum flag arithmetic,
     which cost more than the send itself at this message size. Frames may be bytes, buffers or
-    received zmq.Frames (forwarded without a copy)."""
-    send = sock.send
+    received zmq.Frames (forwarded without a copy); pyzmq copies small ones, which is cheaper."""
+    send = _send
     last = len(frames) - 1
     for i in range(last):
-        send(frames[i], _SNDMORE, copy=False)
-    send(frames[last], 0, copy=False)
+        send(sock, frames[i], _SNDMORE, False)
+    send(sock, frames[last], 0, False)
 
 
 def recv_frames(sock: zmq.Socket, flags: int = 0) -> list[zmq.Frame]:
