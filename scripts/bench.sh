@@ -19,6 +19,8 @@ fi
 QUICK=0
 [[ "${1:-}" == "--quick" ]] && QUICK=1
 
+echo "== bench_request_cost" >&2
+if (( QUICK )); then "$PY" bench/bench_request_cost.py --quick --name bench_request_cost_quick; else "$PY" bench/bench_request_cost.py; fi
 echo "== bench_overhead" >&2
 if (( QUICK )); then "$PY" bench/bench_overhead.py --rounds 3 --calls 1000 --name bench_overhead_quick; else "$PY" bench/bench_overhead.py; fi
 echo "== bench_throughput" >&2
