@@ -4,14 +4,25 @@ gunicorn's arbiter, trimmed: a worker that dies is replaced at its index with it
 that says it can never boot (EXIT_BOOT_ERROR, EXIT_MODEL_ERROR), does not become READY within
 boot_timeout, or dies over and over is a fatal error for the whole server, never a restart loop.
 The supervisor owns processes and restart history; slot state changes go through the WorkerTable.
+
+With the default worker command, workers are forked from a zygote (sgserve/worker/zygote.py) that
+has imported TensorFlow once, so that they share its pages instead of each importing it: about
+55 MiB of private memory per worker instead of about 250 MiB (bench/RESULTS.md, section 8). The
+kernel re-parents each forked worker to this process (a child subreaper), so it is this process's
+child like a spawned one: ``ForkedWorker`` gives it Popen's interface. Workers wait (stay DEAD)
+while the zygote imports; a zygote that cannot start, or dies too often, makes the supervisor run
+the command itself instead. ``SGSERVE_WORKER_ZYGOTE=0`` turns the zygote off.
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import logging
 import os
+import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -29,6 +40,11 @@ DEATH_WINDOW = 60.0
 RESTART_BACKOFF_MAX = 2.0  # seconds; repeated deaths wait 0, 0.2, 0.4, ... before the restart
 STOP_GRACE = 5.0  # seconds a worker has to exit after W_STOP before SIGTERM
 TERM_GRACE = 2.0  # seconds after SIGTERM before SIGKILL
+ZYGOTE_ENV = "SGSERVE_WORKER_ZYGOTE"  # "0": never fork workers from a zygote
+ZYGOTE_COMMAND: tuple[str, ...] = (sys.executable, "-m", "sgserve.worker.zygote")
+ZYGOTE_FORK_TIMEOUT = 10.0  # seconds a ready zygote may take to fork one worker
+ZYGOTE_POLL = 0.05  # seconds between checks of a zygote that is still importing
+ZYGOTE_MAX_STARTS = 3  # zygotes started in a server's life; after that, workers are plain processes
 
 _EXIT_MEANING = {
     EXIT_BOOT_ERROR: "it cannot boot (EXIT_BOOT_ERROR)",
@@ -82,6 +98,159 @@ def worker_env() -> dict[str, str]:
     return env
 
 
+class ForkedWorker:
+    """A worker that the zygote forked and the kernel re-parented to this process (a child
+    subreaper): the part of ``subprocess.Popen`` the supervisor and the broker use. It is our child,
+    so its pid cannot be reused before ``poll`` reaps it, and signals before that reach it."""
+
+    def __init__(self, pid: int, args: Sequence[str]) -> None:
+        self.pid = pid
+        self.args = list(args)
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped elsewhere: as Popen does, call it a clean exit
+                self.returncode = 0
+            else:
+                if pid == self.pid:
+                    self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            time.sleep(0.005)
+        return self.returncode  # type: ignore[return-value]
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def __repr__(self) -> str:
+        return f"ForkedWorker(pid={self.pid}, returncode={self.returncode})"
+
+
+class ZygoteError(Exception):
+    pass
+
+
+class Zygote:
+    """The supervisor's end of a worker zygote: started at once, ready once it says so."""
+
+    def __init__(self, env: dict[str, str], ready_timeout: float) -> None:
+        ours, theirs = socket.socketpair()
+        try:
+            self.proc = subprocess.Popen([*ZYGOTE_COMMAND, str(theirs.fileno()), str(os.getpid())], env=env,
+                                         stdin=subprocess.DEVNULL, close_fds=True, pass_fds=(theirs.fileno(),))
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self.sock = ours
+        self.sock.setblocking(False)
+        self.pid = self.proc.pid
+        self.deadline = time.monotonic() + ready_timeout
+        self.ready = False
+        self.error: str | None = None
+        self._buf = b""
+        self._token = 0
+
+    def _read(self, timeout: float = 0.0) -> list[dict]:
+        """The messages that arrived (waiting up to ``timeout`` s for the first); sets ``error`` on EOF."""
+        if self.error is None and b"\n" not in self._buf:
+            try:
+                if select.select([self.sock], [], [], timeout)[0]:
+                    chunk = self.sock.recv(65536)
+                    if not chunk:
+                        self.error = "closed its socket"
+                    self._buf += chunk
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError as exc:
+                self.error = f"socket error: {exc}"
+        out = []
+        while b"\n" in self._buf:
+            line, self._buf = self._buf.split(b"\n", 1)
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
+
+    def check(self, now: float) -> str:
+        """"ready", "starting", or "failed" (then ``error`` says why)."""
+        if self.error is None:
+            for msg in self._read():
+                if "ready" in msg:
+                    self.ready = True
+                elif "error" in msg:
+                    self.error = f"could not preload TensorFlow: {msg['error']}"
+        if self.error is None and self.proc.poll() is not None:
+            self.error = f"exited ({describe_exit(self.proc.returncode)})"
+        if self.error is None and not self.ready and now > self.deadline:
+            self.error = "was not ready within --boot-timeout"
+        if self.error is not None:
+            return "failed"
+        return "ready" if self.ready else "starting"
+
+    def fork(self, argv: Sequence[str], timeout: float = ZYGOTE_FORK_TIMEOUT) -> int:
+        """Asks the zygote to fork a worker with ``argv``; its pid (now our child)."""
+        self._token += 1
+        token = self._token
+        line = json.dumps({"spawn": token, "argv": list(argv)}).encode() + b"\n"
+        deadline = time.monotonic() + timeout
+        try:
+            self.sock.setblocking(True)
+            self.sock.settimeout(timeout)
+            self.sock.sendall(line)
+        except OSError as exc:
+            raise ZygoteError(f"cannot reach it: {exc}") from None
+        finally:
+            self.sock.setblocking(False)
+        while True:
+            left = deadline - time.monotonic()
+            for msg in self._read(max(0.0, left)):
+                if msg.get("spawned") == token:
+                    if "pid" in msg:
+                        return int(msg["pid"])
+                    raise ZygoteError(f"could not fork: {msg.get('error')}")
+            if self.error is not None:
+                raise ZygoteError(self.error)
+            if time.monotonic() >= deadline:
+                self.error = f"did not fork a worker within {timeout:g} s"
+                raise ZygoteError(self.error)
+
+    def close(self, grace: float = 2.0) -> None:
+        """Closing the socket makes it exit; SIGKILL after ``grace`` seconds."""
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            try:
+                self.proc.wait(5.0)
+            except subprocess.TimeoutExpired:
+                log.error("worker zygote pid %d survived SIGKILL", self.proc.pid)
+
+
+_STARTING = object()  # _zygote_for_spawn: the zygote is still importing; try again shortly
+
+
 class Supervisor:
     """Starts worker processes at table slots and decides what a death means."""
 
@@ -100,6 +269,11 @@ class Supervisor:
         self._deaths: dict[int, collections.deque[float]] = collections.defaultdict(collections.deque)
         self._restart_at: dict[int, float] = {}
         self.stopping = False  # set by the broker when it stops: deaths are no longer restarted
+        # Only the default command forks its workers from a zygote; a custom one runs as given.
+        self._use_zygote = (command is None and os.environ.get(ZYGOTE_ENV, "1") != "0"
+                            and sys.platform.startswith("linux"))
+        self._zygote: Zygote | None = None
+        self._zygote_starts = 0
 
     def worker_spec(self, slot: WorkerSlot) -> WorkerSpec:
         return WorkerSpec(
@@ -117,6 +291,27 @@ class Supervisor:
         )
 
     def spawn(self, slot: WorkerSlot, now: float | None = None) -> Fatal | None:
+        if self._use_zygote:
+            t = time.monotonic() if now is None else now
+            zygote = self._zygote_for_spawn(t)
+            if zygote is _STARTING:  # the slot stays DEAD until the zygote has imported TensorFlow
+                self._restart_at[slot.index] = t + ZYGOTE_POLL
+                return None
+            if isinstance(zygote, Zygote):
+                spec = self.worker_spec(slot).to_json()
+                try:
+                    pid = zygote.fork([spec])
+                except ZygoteError as exc:
+                    log.warning("worker zygote (pid %d) %s; starting worker %d as its own process",
+                                zygote.pid, exc, slot.index)
+                    self._drop_zygote()
+                else:
+                    proc = ForkedWorker(pid, [*ZYGOTE_COMMAND, spec])
+                    self._procs.add(proc)
+                    self.table.spawned(slot, proc, now)
+                    log.info("worker %d: forked pid %d from the zygote on cores %s%s", slot.index, pid,
+                             slot.cores, f" (restart {slot.restarts})" if slot.restarts else "")
+                    return None
         argv = [*self.command, self.worker_spec(slot).to_json()]
         try:
             proc = subprocess.Popen(argv, env=self._env, stdin=subprocess.DEVNULL, close_fds=True,
@@ -129,6 +324,49 @@ class Supervisor:
         log.info("worker %d: spawned pid %d on cores %s%s", slot.index, proc.pid, slot.cores,
                  f" (restart {slot.restarts})" if slot.restarts else "")
         return None
+
+    def _zygote_for_spawn(self, now: float) -> Zygote | object | None:
+        """The ready zygote, _STARTING while it imports, or None: run the command instead."""
+        z = self._zygote
+        if z is not None:
+            state = z.check(now)
+            if state == "ready":
+                return z
+            if state == "starting":
+                return _STARTING
+            was_ready = z.ready
+            log.warning("worker zygote (pid %d) %s; %s", z.pid, z.error,
+                        "starting another" if was_ready and self._zygote_starts < ZYGOTE_MAX_STARTS
+                        else "starting workers as their own processes from now on")
+            self._drop_zygote()
+            if not was_ready:  # it could not import what a worker imports: a worker would fail alike
+                self._use_zygote = False
+                return None
+        if self._zygote_starts >= ZYGOTE_MAX_STARTS:
+            self._use_zygote = False
+            return None
+        from sgserve.worker import pinning  # noqa: PLC0415
+
+        if not pinning.become_child_subreaper():
+            log.info("cannot become a child subreaper (PR_SET_CHILD_SUBREAPER); workers are not forked "
+                     "from a zygote")
+            self._use_zygote = False
+            return None
+        try:
+            self._zygote = Zygote(self._env, self.config.boot_timeout)
+        except OSError as exc:
+            log.warning("cannot start the worker zygote: %s; starting workers as their own processes", exc)
+            self._use_zygote = False
+            return None
+        self._zygote_starts += 1
+        log.info("worker zygote: pid %d imports TensorFlow once; the workers are forked from it",
+                 self._zygote.pid)
+        return _STARTING
+
+    def _drop_zygote(self) -> None:
+        if self._zygote is not None:
+            z, self._zygote = self._zygote, None
+            z.close(grace=0.5)
 
     def start_all(self) -> Fatal | None:
         for slot in self.table:
@@ -228,6 +466,7 @@ class Supervisor:
         for slot in self.table:
             self.table.process_gone(slot)
         self._procs.clear()
+        self._drop_zygote()
 
 
 def _signal(proc: subprocess.Popen, sig: int) -> None:

@@ -269,8 +269,9 @@ class WorkerProcess:
         os.environ.update(pinning.thread_env(spec.intra_op_threads, spec.inter_op_threads))
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         try:
-            import tensorflow as tf  # noqa: PLC0415
+            from sgserve.worker.zygote import import_tensorflow  # noqa: PLC0415
 
+            tf = import_tensorflow()  # without Keras (see zygote.py); already done in a forked worker
             tf.get_logger().setLevel("ERROR")
             tf.config.threading.set_intra_op_parallelism_threads(spec.intra_op_threads)
             tf.config.threading.set_inter_op_parallelism_threads(spec.inter_op_threads)
