@@ -243,6 +243,16 @@ def decode_tensors(metas: Any, payload: Sequence[Any], what: str = "inputs") -> 
     return {meta["name"]: _decode_checked(meta, frame) for meta, frame in zip(metas or [], payload)}
 
 
+def element_count(shape: list[Any]) -> int | None:
+    """product(shape) of a well-formed wire shape (non-negative ints); None for anything else."""
+    count = 1
+    for d in shape:
+        if type(d) is not int or d < 0:
+            return None
+        count *= d
+    return count
+
+
 def _decode_numeric(metas: Any, payload: Sequence[Any]) -> dict[str, np.ndarray] | None:
     """The arrays of a well-formed all-numeric tensor list, or None for anything else."""
     if type(metas) is not list or len(metas) != len(payload):
@@ -255,11 +265,9 @@ def _decode_numeric(metas: Any, payload: Sequence[Any]) -> dict[str, np.ndarray]
         name, shape = meta.get("name"), meta.get("shape")
         if dt is None or type(name) is not str or name in out or type(shape) is not list:
             return None
-        count = 1
-        for d in shape:
-            if type(d) is not int or d < 0:
-                return None
-            count *= d
+        count = element_count(shape)
+        if count is None:
+            return None
         buf = frame.buffer if type(frame) is zmq.Frame else frame
         if len(buf) != count * dt.itemsize:
             return None

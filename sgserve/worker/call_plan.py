@@ -92,11 +92,9 @@ class CallPlan:
                 shape = meta.get("shape")
                 if type(shape) is not list:
                     return None
-                count = 1
-                for d in shape:
-                    if type(d) is not int or d < 0:
-                        return None
-                    count *= d
+                count = protocol.element_count(shape)
+                if count is None:
+                    return None
                 if slot.rank is not None:
                     if len(shape) != slot.rank:
                         return None
