@@ -29,7 +29,7 @@ import zmq
 
 from sgserve import protocol
 from sgserve.config import EXIT_BOOT_ERROR, EXIT_MODEL_ERROR, EXIT_OK, WorkerSpec
-from sgserve.errors import DEADLINE_EXCEEDED, INTERNAL, OK, InvalidArgument, NotFound, ServeError
+from sgserve.errors import DEADLINE_EXCEEDED, INTERNAL, InvalidArgument, NotFound, ServeError
 from sgserve.protocol import recv_frames, send_frames
 from sgserve.worker import pinning
 
@@ -40,7 +40,6 @@ READ_BURST = 256  # with batching: messages read per wake-up, so that requests t
 STOP_DRAIN = 4.0  # seconds W_STOP waits for the batches still queued (the supervisor SIGTERMs after 5)
 
 _unpackb = msgpack.unpackb
-_packb = msgpack.Packer(use_bin_type=True).pack  # one Packer: not rebuilt per reply
 _unpack_route = protocol.ROUTE.unpack
 _ROUTE_SIZE = protocol.ROUTE.size
 _NOBLOCK = int(zmq.NOBLOCK)
@@ -419,20 +418,11 @@ class WorkerProcess:
             outputs = runner.run_wire(header.get("inputs"), payload, header.get("output_filter"))
             self.served += 1
             try:
-                metas, frames = [], [None]
-                for name, arr in outputs.items():
-                    meta, frame = protocol.encode_tensor(name, arr)
-                    metas.append(meta)
-                    frames.append(frame)
+                return protocol.pack(protocol.ok_header(request_id, model=model, version=version, worker=index),
+                                     outputs, key="outputs")[1:]
             except ServeError as exc:  # an output dtype the wire cannot carry: our fault, not the request's
                 return protocol.error_reply(request_id, INTERNAL, f"output cannot be sent: {exc.message}",
                                             worker=index)[1:]
-            reply = {"id": request_id, "code": OK, "message": "", "model": model, "version": version,
-                     "worker": index}
-            if metas:
-                reply["outputs"] = metas
-            frames[0] = _packb(reply)
-            return frames
         except ServeError as exc:
             model = header.get("model") if header is not None else None
             return protocol.error_reply(request_id, exc.code, exc.message, model=model, version=version,
