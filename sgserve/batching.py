@@ -795,12 +795,6 @@ class Batcher:
             return self.next_batch(None if end is None else max(0.0, end - time.monotonic()))
         return batch
 
-    @property
-    def enqueued_tasks(self) -> int:
-        """Requests (or pieces of split requests) waiting, for status reports."""
-        with self._cond:
-            return sum(len(b.tasks) for q in self._queues.values() for b in (*q.closed, *q.open.values()))
-
     # -- batch threads ------------------------------------------------------------------------------
 
     def start(self, run_model: Callable[[Hashable, dict[str, np.ndarray]], dict[str, np.ndarray]],

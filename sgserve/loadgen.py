@@ -954,16 +954,6 @@ def format_comparisons(comparisons: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def format_result(r: BenchResult) -> str:
-    """One result as a short paragraph (the format of earlier versions)."""
-    load = f"offered rate {r.offered_rate:g}/s" if r.mode == "open" else f"concurrency {r.concurrency}"
-    return (f"model {r.model} @ {r.endpoint}: {load}, batch {r.batch_size}, {r.seconds:.1f} s\n"
-            f"  QPS {r.qps:.1f} ({r.rows_per_s:.1f} rows/s), ok {r.ok}, errors {r.errors} {r.error_codes or ''}\n"
-            f"  latency ms: p50 {r.p50_ms:.3f}  p90 {r.p90_ms:.3f}  p99 {r.p99_ms:.3f}  p99.9 {r.p999_ms:.3f}  "
-            f"max {r.max_ms:.3f}  mean {r.mean_ms:.3f}\n"
-            f"  requests per worker: {r.workers_seen}")
-
-
 # ------------------------------------------------------------------------------------ plot
 MATPLOTLIB_MISSING = "--plot needs matplotlib, which is not installed: pip install matplotlib"
 
@@ -1022,5 +1012,5 @@ def plot_results(results: Sequence[BenchResult], path: str, title: str | None = 
 
 
 __all__ = ["BenchConfig", "BenchResult", "PointSpec", "EndpointDown", "run_points", "run_bench", "make_report",
-           "compare_results", "format_table", "format_comparisons", "format_result", "plot_results",
+           "compare_results", "format_table", "format_comparisons", "plot_results",
            "require_matplotlib", "synth_inputs", "signature_from_tfserving", "machine_info", "SCHEDULES"]

@@ -240,9 +240,6 @@ class ModelManager:
         self._unloading_on.pop(slot.index, None)
         self._advance(time.monotonic())
 
-    def on_spawn_failed(self, index: int) -> None:
-        self._booting.pop(index, None)
-
     def on_loaded(self, slot: WorkerSlot, info: dict[str, Any]) -> None:
         key = (info.get("model"), info.get("version"))
         if self._loading_on.get(slot.index) != key:
@@ -690,10 +687,6 @@ class ModelManager:
             # Off the broker's loop: the kernel frees the pages during the unlink (about 25 ms for
             # 128 MiB, measured as a stall of every request in flight when done inline).
             self._unlinker.submit(shared_segment.unlink, seg)
-
-    def shared_bytes(self) -> int:
-        return sum(mv.spec.own_bytes if mv.spec.own_bytes >= 0 else mv.spec.segment_bytes
-                   for sm in self.models.values() for mv in sm.versions.values() if mv.spec is not None)
 
     # -- config file ---------------------------------------------------------------------------
     def reload_config(self) -> bool:
