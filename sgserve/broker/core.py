@@ -33,13 +33,12 @@ from sgserve.broker.worker_table import WorkerSlot, WorkerTable
 from sgserve.config import ModelSpec, ServerConfig
 from sgserve.errors import (DEADLINE_EXCEEDED, INTERNAL, UNAVAILABLE, DeadlineExceeded, InvalidArgument, NotFound,
                             ResourceExhausted, ServeError, Unavailable)
-from sgserve.protocol import (DEFAULT_SIGNATURE, MAGIC, NO_DEADLINE, PREDICT, REQUEST_TYPES, ROUTE, W_HEARTBEAT,
-                              W_REPLY, W_REQUEST, Envelope, error_reply, split_envelope, unpack_header)
+from sgserve.protocol import (DEFAULT_SIGNATURE, MAGIC, PREDICT, REQUEST_TYPES, W_HEARTBEAT, W_REPLY, Envelope,
+                              error_reply, route_frame, split_envelope, unpack_header)
 
 log = logging.getLogger(__name__)
 
 _unpackb = msgpack.unpackb
-_pack_route = ROUTE.pack
 _REPLY = W_REPLY[0]
 _HEARTBEAT = W_HEARTBEAT[0]
 
@@ -196,9 +195,7 @@ class RoutingCore:
                 self.fail(request, INTERNAL, f"dispatch policy {self.config.policy!r} returned "
                                              f"something other than one of the free workers")
                 return True
-            deadline = request.deadline
-            route = _pack_route(W_REQUEST, request.rid, request.version,
-                                NO_DEADLINE if deadline is None else deadline, request.attempt)
+            route = route_frame(request.rid, request.version, request.deadline, request.attempt)
             if self._to_worker(slot.identity, [route, request.header_frame, *request.payload]):
                 request.sent_at = time.monotonic()
                 table.mark_busy(slot, request)

@@ -40,7 +40,6 @@ READ_BURST = 256  # with batching: messages read per wake-up, so that requests t
 STOP_DRAIN = 4.0  # seconds W_STOP waits for the batches still queued (the supervisor SIGTERMs after 5)
 
 _unpackb = msgpack.unpackb
-_unpack_route = protocol.ROUTE.unpack
 _ROUTE_SIZE = protocol.ROUTE.size
 _NOBLOCK = int(zmq.NOBLOCK)
 
@@ -437,9 +436,7 @@ class WorkerProcess:
         cmd = head[:1]
         batching = self.batching
         if cmd == protocol.W_REQUEST and len(head) == _ROUTE_SIZE and len(frames) >= 2:
-            _, rid, version, deadline, _ = _unpack_route(head)
-            if deadline != deadline:  # NaN: no deadline
-                deadline = None
+            rid, version, deadline, _ = protocol.parse_route(head)
             if batching is None:
                 reply = self.handle(version, deadline, frames[1], frames[2:])
             else:

@@ -16,6 +16,7 @@ import pytest
 
 from sgserve import loader, protocol, shared_segment
 from sgserve.errors import InvalidArgument
+from tests import test_model_formats
 
 NUMERIC = tuple(protocol.DTYPES)
 
@@ -171,14 +172,7 @@ def test_keras_string_model_off_the_wire(runtime_of, models_dir):
     assert_same(runner.run_wire(*wire(feed, "zmq"), None), want)
 
 
-CASES = [
-    ("tf2", "serving_default", {"ids": np.array([0, 7, 999, 7], np.int64),
-                                "dense": np.arange(16, dtype=np.float32).reshape(4, 4)}),
-    ("tf2", "embed", {"ids": np.array([3, 1], np.int64)}),
-    ("keras", "serving_default", {"city": np.array([[b"tokyo"], [b"oslo"], [b"unknown"]], dtype=object),
-                                  "num": np.ones((3, 3), np.float32)}),
-    ("tf1", "serving_default", {"x": np.array([1.0, -2.0, 4.0], np.float32), "ids": np.array([0, 5, 99], np.int64)}),
-]
+CASES = test_model_formats.CASES  # the same models, signatures and inputs as the formats test
 
 
 @pytest.mark.parametrize("name,sig,feed", CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])
