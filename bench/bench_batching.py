@@ -1,7 +1,7 @@
 """Server-side batching vs none: the same model and workers, single-row clients, in one interleaved run.
 
 Two servers serve the demo model with the same workers and cores, one with `--enable-batching`;
-`sgserve bench`'s engine (sgserve.loadgen) drives both with the same closed-loop clients, each
+`sgserve bench`'s engine (sgserve.bench.loadgen) drives both with the same closed-loop clients, each
 sending one row per request, alternating 1 s slices between the two servers (A B A B ...) so noise
 hits both alike. Reported per concurrency: QPS, p50/p99 of each, and the ratios batched/unbatched.
 Target (issue 4): at 64 clients, batched QPS >= 3x unbatched with a p99 no worse.
@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import _common as C  # noqa: E402
 
-from sgserve import loadgen  # noqa: E402
+from sgserve.bench import loadgen  # noqa: E402
 
 
 def main() -> int:

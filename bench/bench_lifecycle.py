@@ -342,7 +342,7 @@ def window(records: list[tuple], t0: float, t1: float) -> dict[str, Any]:
 
 
 def probe_capacity(endpoint: str, batch: int, concurrency: int, seconds: float) -> dict[str, Any]:
-    from sgserve import loadgen  # noqa: PLC0415
+    from sgserve.bench import loadgen  # noqa: PLC0415
 
     cfg = loadgen.BenchConfig(endpoint=endpoint, model=MODEL, concurrency=concurrency, duration=seconds,
                               warmup=1.0, batch_size=batch, timeout=30.0)
@@ -527,7 +527,7 @@ class MemSampler:
                     cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
             except OSError:
                 return "gone"
-            r = self._roles[pid] = "loader" if "sgserve.loader" in cmd else "other"
+            r = self._roles[pid] = "loader" if "sgserve.models.loader" in cmd else "other"
         return r
 
     @staticmethod

@@ -307,7 +307,7 @@ def _role(pid: int, broker: int, worker_pids: dict[int, int]) -> str:
         return "other"
     if comm == "sgserve-zygote" or "sgserve.worker.zygote" in cmd:
         return "zygote"
-    if "sgserve.loader" in cmd:
+    if "sgserve.models.loader" in cmd:
         return "loader"
     return "other"
 

@@ -122,7 +122,7 @@ def loadgen_startup_cpu() -> float:
     """CPU seconds `python -m sgserve.cli bench` spends starting up (imports), measured once."""
     if not _STARTUP_CPU:
         ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-        subprocess.run([sys.executable, "-c", "import numpy, zmq, click, msgpack; import sgserve.cli, sgserve.loadgen, "
+        subprocess.run([sys.executable, "-c", "import numpy, zmq, click, msgpack; import sgserve.cli, sgserve.bench.loadgen, "
                         "sgserve.client"], check=False, env=dict(os.environ, PYTHONPATH=C.REPO))
         ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         _STARTUP_CPU.append(ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime)

@@ -16,7 +16,8 @@ import numpy as np
 
 from sgserve.config import ServerConfig
 from sgserve.errors import ServeError
-from sgserve.bench_cli import bench
+from sgserve.process import EXIT_CONFIG_ERROR
+from sgserve.bench.cli import bench
 from sgserve.protocol import default_endpoint
 
 ENDPOINT_HELP = "broker endpoint (ZeroMQ), default tcp://127.0.0.1:8510 or $SGSERVE_ENDPOINT"
@@ -113,10 +114,10 @@ def start(model_base_path: str | None, model_name: str | None, workers: int, cpu
         code = server.run(config)
     except server.ConfigError as exc:
         click.echo(f"sgserve: error: {exc}", err=True)
-        sys.exit(server.EXIT_CONFIG_ERROR)
+        sys.exit(EXIT_CONFIG_ERROR)
     except (ValueError, OSError) as exc:  # bad --policy, endpoint in use, ...
         click.echo(f"sgserve: error: {exc}", err=True)
-        sys.exit(server.EXIT_CONFIG_ERROR)
+        sys.exit(EXIT_CONFIG_ERROR)
     sys.exit(code)
 
 

@@ -8,12 +8,6 @@ from typing import Any
 
 from sgserve.protocol import default_endpoint
 
-# Worker exit codes (gunicorn's idea): the supervisor restarts a worker that died, but not one that
-# says it can never boot, which would only loop.
-EXIT_OK = 0
-EXIT_BOOT_ERROR = 3  # bad arguments, cannot pin, cannot reach the broker
-EXIT_MODEL_ERROR = 4  # cannot map the segment or build the model function
-
 
 @dataclasses.dataclass
 class ServerConfig:
@@ -45,7 +39,7 @@ class ServerConfig:
     enable_model_warmup: bool = True  # warm each version before it takes traffic
     warmup_file: str | None = None  # sgserve's own JSON-lines warmup requests, for every model
     incremental_updates: bool = True  # share unchanged tensors (same crc32c) with the previous version
-    # Server-side batching inside each worker (TF Serving's flags and meanings; sgserve/batching.py).
+    # Server-side batching inside each worker (TF Serving's flags and meanings; sgserve/worker/batching.py).
     enable_batching: bool = False
     batching_parameters_file: str | None = None  # BatchingParameters text format; none: TF Serving's defaults
     # Resolved at start by server.resolve_batching, not a flag: BatchingParameters.to_dict() (None:
@@ -113,7 +107,7 @@ class WorkerSpec:
     heartbeat_interval: float = 1.0
     server_id: str = ""
     warmup: bool = True  # warm each version up before saying READY / LOADED
-    warmup_file: str | None = None  # sgserve JSON-lines warmup requests (see sgserve/warmup.py)
+    warmup_file: str | None = None  # sgserve JSON-lines warmup requests (see sgserve/models/warmup.py)
     batching: dict[str, Any] | None = None  # BatchingParameters.to_dict(); None: one request at a time
 
     def to_json(self) -> str:

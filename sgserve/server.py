@@ -16,18 +16,16 @@ import sys
 import shutil
 from typing import Callable
 
-from sgserve import shared_segment
-from sgserve.broker.model_manager import ModelManager
+from sgserve.models import shared_segment
+from sgserve.models.manager import ModelManager
 from sgserve.config import ModelSpec, ServerConfig
 from sgserve.errors import NotFound
-from sgserve.loader import find_versions
-from sgserve.tfs_config import (ModelConfig, ModelConfigError, parse_model_server_config, parse_version_policy,
+from sgserve.models.loader import find_versions
+from sgserve.models.tfs_config import (ModelConfig, ModelConfigError, parse_model_server_config, parse_version_policy,
                                 read_model_server_config)
 
 log = logging.getLogger(__name__)
 
-EXIT_CONFIG_ERROR = 2
-EXIT_MODEL_ERROR = 2
 # Most requests the broker lets one batching worker hold: enough to fill its queued and running
 # batches, bounded so that a flood waits in the broker's queue (--max-enqueued, 429 beyond it).
 MAX_BATCHING_PIPELINE = 4096
@@ -65,7 +63,7 @@ def resolve_batching(config: ServerConfig) -> ServerConfig:
     requests fill the batching queue first and get its 429. Unset num_batch_threads is resolved in
     the worker, after pinning, to its core count: cpus_per_worker.
     """
-    from sgserve.batching import BatchingConfigError, BatchingParameters, load_batching_parameters  # noqa: PLC0415
+    from sgserve.models.batching_params import BatchingConfigError, BatchingParameters, load_batching_parameters  # noqa: PLC0415
 
     if not config.enable_batching:
         if config.batching_parameters_file:
@@ -135,7 +133,7 @@ def load_initial(config: ServerConfig, models: list[ModelConfig], sid: str) -> l
 def load_model(config: ServerConfig, sid: str, name: str, base_path: str | None, *, version: int | None = None,
                base_segment: str | None = None, demo: bool = False) -> ModelSpec:
     """Runs the loader process; returns the loaded version's spec or raises ConfigError."""
-    cmd = [sys.executable, "-m", "sgserve.loader", "--name", name, "--server-id", sid]
+    cmd = [sys.executable, "-m", "sgserve.models.loader", "--name", name, "--server-id", sid]
     if demo:
         cmd += ["--demo-cache-dir", config.cache_dir]
     else:
@@ -174,7 +172,8 @@ def remove_own_segments(sid: str) -> None:
 
 def run(config: ServerConfig, *, worker_command: list[str] | None = None,
         on_ready: Callable[[], None] | None = None) -> int:
-    from sgserve.broker import Broker, assign_cores  # noqa: PLC0415
+    from sgserve.broker.broker import Broker  # noqa: PLC0415
+    from sgserve.broker.supervisor import assign_cores  # noqa: PLC0415
     from sgserve.broker.policies import load_policy  # noqa: PLC0415
 
     # Everything that can be wrong with the settings fails now, not after a long model load.

@@ -20,7 +20,7 @@ import zmq
 
 from sgserve import protocol
 from sgserve.errors import InvalidArgument, ResourceExhausted, ServeError, error_from_code
-from tests.test_batching_e2e import serving, write
+from tests.worker.test_batching_e2e import serving, write
 
 SLOW_N = 40_000  # about 1.5 s of one core
 

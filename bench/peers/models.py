@@ -1,6 +1,6 @@
 """The peer benchmark's models, built once into bench/.cache/models/ (TF Serving layout BASE/1/).
 
-- ``demo``: sgserve's built-in recommender (sgserve/demo.py): two 100,000 x 32 embedding tables and a
+- ``demo``: sgserve's built-in recommender (sgserve/models/demo.py): two 100,000 x 32 embedding tables and a
   64 -> 128 -> 64 -> 1 MLP; serving_default(user_id int64[None], item_id int64[None]) -> score, logit.
   Memory- and overhead-bound: a request does little arithmetic.
 - ``cnn``: a Keras CNN with random (seeded) weights on 32x32x3 images: Conv2D 32, Conv2D 64, pool,
@@ -82,10 +82,10 @@ def _ensure_demo() -> tuple[str, dict]:
     if not os.path.isfile(os.path.join(base, "demo", "1", "saved_model.pb")):
         log("building the demo model ...")
         os.makedirs(base, exist_ok=True)
-        code = f"import sys; sys.path.insert(0, {REPO!r}); from sgserve.demo import ensure_demo_model; " \
+        code = f"import sys; sys.path.insert(0, {REPO!r}); from sgserve.models.demo import ensure_demo_model; " \
                f"ensure_demo_model({base!r})"
         subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
-    from sgserve import demo  # noqa: PLC0415 - constants only, no TensorFlow
+    from sgserve.models import demo  # noqa: PLC0415 - constants only, no TensorFlow
 
     dims = (2 * demo.DIM,) + demo.HIDDEN + (1,)
     mlp = sum(a * b + b for a, b in zip(dims[:-1], dims[1:]))

@@ -100,7 +100,7 @@ class LoadedModel:
         self.signatures = {k: self._describe(f) for k, f in self.functions.items()}
 
     def _describe(self, fn) -> dict[str, Any]:
-        """sgserve's metadata shape (model_graph.SignatureInfo.public), which sgserve's load
+        """sgserve's metadata shape (graph_rewrite.SignatureInfo.public), which sgserve's load
         generator reads to synthesize inputs."""
         def spec(s) -> dict[str, Any]:
             import numpy as np  # noqa: PLC0415

@@ -1,11 +1,8 @@
-"""The broker side of sgserve: routing, dispatch policies, the worker table and supervision.
+"""The broker process: the client-facing ROUTER, the routing core (policies, deadlines, retry,
+backpressure), the worker table, the supervisor that starts and restarts workers, and the rollout of
+model versions to workers. It imports no TensorFlow, so it stays a small, fast process; it reads
+model versions through sgserve.models and never imports the worker package.
 
-Imports no TensorFlow: the broker stays a small, fast process.
+Import what you need from its modules (sgserve.broker.broker.Broker, sgserve.broker.supervisor,
+...): this package file imports nothing, so that importing one module does not import them all.
 """
-from sgserve.broker.broker import BindError, Broker
-from sgserve.broker.policies import DispatchPolicy, DispatchRequest, load_policy
-from sgserve.broker.supervisor import DEFAULT_WORKER_COMMAND, Supervisor, assign_cores
-from sgserve.broker.worker_table import WorkerSlot, WorkerState, WorkerTable
-
-__all__ = ["Broker", "BindError", "DispatchPolicy", "DispatchRequest", "load_policy", "Supervisor",
-           "DEFAULT_WORKER_COMMAND", "assign_cores", "WorkerSlot", "WorkerState", "WorkerTable"]

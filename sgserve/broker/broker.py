@@ -24,7 +24,7 @@ import psutil
 import zmq
 
 from sgserve.broker.core import RoutingCore
-from sgserve.broker.model_manager import ModelManager
+from sgserve.models.manager import ModelManager
 from sgserve.broker.policies import DispatchPolicy, load_policy
 from sgserve.broker.supervisor import STOP_GRACE, Fatal, Supervisor, assign_cores
 from sgserve.broker.worker_table import WorkerSlot, WorkerState, WorkerTable

@@ -26,11 +26,11 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from sgserve.broker.worker_table import WorkerSlot, WorkerState, WorkerTable
-from sgserve.config import EXIT_BOOT_ERROR, EXIT_MODEL_ERROR, ModelSpec, ServerConfig, WorkerSpec
+from sgserve.config import ModelSpec, ServerConfig, WorkerSpec
+from sgserve.process import EXIT_BOOT_ERROR, become_child_subreaper, child_env, describe_exit, never_restart_reason
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +46,6 @@ ZYGOTE_FORK_TIMEOUT = 10.0  # seconds a ready zygote may take to fork one worker
 ZYGOTE_POLL = 0.05  # seconds between checks of a zygote that is still importing
 ZYGOTE_MAX_STARTS = 3  # zygotes started in a server's life; after that, workers are plain processes
 
-_EXIT_MEANING = {
-    EXIT_BOOT_ERROR: "it cannot boot (EXIT_BOOT_ERROR)",
-    EXIT_MODEL_ERROR: "it cannot load the model (EXIT_MODEL_ERROR)",
-}
-
-
 @dataclasses.dataclass
 class Fatal:
     """Why the server must stop (a worker can never serve, or the broker broke), and the exit code
@@ -59,15 +53,6 @@ class Fatal:
 
     message: str
     exit_code: int = 1
-
-
-def describe_exit(rc: int) -> str:
-    if rc < 0:
-        try:
-            return f"killed by {signal.Signals(-rc).name}"
-        except ValueError:
-            return f"killed by signal {-rc}"
-    return f"exit code {rc}"
 
 
 def assign_cores(workers: int, cpus_per_worker: int, cpus: Sequence[int] | None = None,
@@ -85,17 +70,6 @@ def assign_cores(workers: int, cpus_per_worker: int, cpus: Sequence[int] | None 
                          f"or --cpus-per-worker, or pass --allow-oversubscribe to share cores between workers")
     return [[cpus[(i * cpus_per_worker + j) % len(cpus)] for j in range(cpus_per_worker)]
             for i in range(workers)]
-
-
-def worker_env() -> dict[str, str]:
-    """The environment for workers: ours, with this sgserve importable even when not installed."""
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parents[2])
-    old = env.get("PYTHONPATH")
-    parts = old.split(os.pathsep) if old else []
-    if root not in parts:
-        env["PYTHONPATH"] = os.pathsep.join([root] + parts)
-    return env
 
 
 class ForkedWorker:
@@ -264,7 +238,7 @@ class Supervisor:
         self.command = list(command) if command else list(DEFAULT_WORKER_COMMAND)
         # What a worker started now must load: the versions it will serve (they change over time).
         self._models = models if callable(models) else (lambda _index, fixed=list(models): fixed)
-        self._env = worker_env()
+        self._env = child_env()
         self._procs: set[subprocess.Popen] = set()  # every process spawned and not yet reaped
         self._deaths: dict[int, collections.deque[float]] = collections.defaultdict(collections.deque)
         self._restart_at: dict[int, float] = {}
@@ -345,9 +319,7 @@ class Supervisor:
         if self._zygote_starts >= ZYGOTE_MAX_STARTS:
             self._use_zygote = False
             return None
-        from sgserve.worker import pinning  # noqa: PLC0415
-
-        if not pinning.become_child_subreaper():
+        if not become_child_subreaper():
             log.info("cannot become a child subreaper (PR_SET_CHILD_SUBREAPER); workers are not forked "
                      "from a zygote")
             self._use_zygote = False
@@ -394,8 +366,8 @@ class Supervisor:
         if self.stopping:
             log.info("%s exited (%s) while the server stops", what, describe_exit(rc))
             return None
-        if rc in _EXIT_MEANING:
-            return Fatal(f"{what} exited with code {rc}: {_EXIT_MEANING[rc]}; not restarting it "
+        if never_restart_reason(rc):
+            return Fatal(f"{what} exited with code {rc}: {never_restart_reason(rc)}; not restarting it "
                                  f"(see the worker's log above)", rc)
         deaths = self._deaths[slot.index]
         deaths.append(now)

@@ -32,7 +32,7 @@ from tensorflow.core.protobuf import config_pb2
 from tensorflow.python.framework import graph_util_impl
 
 from sgserve.errors import InvalidArgument
-from sgserve.shared_segment import SegmentView
+from sgserve.models.shared_segment import SegmentView
 from sgserve.worker.call_plan import CallPlan, InputSpec
 
 log = logging.getLogger(__name__)
@@ -266,7 +266,7 @@ class ModelRuntime:
                 log.info("re-warmup of %s/%s skipped: %s", self.name, name, exc)
 
     def warmup(self, requests: list[Any] | None = None) -> int:
-        """Runs the warmup requests (sgserve.warmup.WarmupRequest), or, without any, synthetic
+        """Runs the warmup requests (sgserve.models.warmup.WarmupRequest), or, without any, synthetic
         requests built from each signature (DeepRec's behaviour), one per batch size in
         SYNTHETIC_BATCHES when the first dimension is the batch: TensorFlow's kernels set up per
         shape, so the first real batch of 128 rows would otherwise pay that on the request path.

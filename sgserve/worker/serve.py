@@ -1,7 +1,7 @@
 """The worker process: pin, map the models, warm up, announce READY, then serve requests.
 
 Started by the broker's supervisor as ``python -m sgserve.worker '<WorkerSpec JSON>'``. Exit codes
-(config.py): 3 = cannot boot (pinning, arguments), 4 = cannot map or build a model. The supervisor
+(sgserve/process.py): 3 = cannot boot (pinning, arguments), 4 = cannot map or build a model. The supervisor
 does not restart a worker that exits with either, since it would only fail again.
 
 Without batching the serve loop runs each request as it arrives, one at a time. With batching
@@ -27,10 +27,11 @@ from typing import Any, Callable, Hashable
 import msgpack
 import zmq
 
-from sgserve import protocol
-from sgserve.config import EXIT_BOOT_ERROR, EXIT_MODEL_ERROR, EXIT_OK, WorkerSpec
+from sgserve import process, protocol
+from sgserve.config import WorkerSpec
 from sgserve.errors import DEADLINE_EXCEEDED, INTERNAL, InvalidArgument, NotFound, ServeError
 from sgserve.protocol import recv_frames, send_frames
+from sgserve.process import EXIT_BOOT_ERROR, EXIT_MODEL_ERROR, EXIT_OK
 from sgserve.worker import pinning
 
 log = logging.getLogger("sgserve.worker")
@@ -63,7 +64,7 @@ class HeldRequest:
 
 
 class WorkerBatching:
-    """Server-side batching in one worker (sgserve/batching.py), as the serve loop drives it.
+    """Server-side batching in one worker (sgserve/worker/batching.py), as the serve loop drives it.
 
     The I/O thread submits each decoded, validated request (``submit``) and sends what ``replies``
     returns whenever the wake-up pipe (``fileno``) is readable or ``next_wakeup`` seconds have
@@ -73,7 +74,7 @@ class WorkerBatching:
     """
 
     def __init__(self, params: Any, runtimes: dict[tuple[str, int], Any], index: int) -> None:
-        from sgserve.batching import Batcher  # noqa: PLC0415
+        from sgserve.worker.batching import Batcher  # noqa: PLC0415
 
         self.batcher = Batcher(params)  # num_batch_threads unset: this process's (pinned) cores
         self.params = params
@@ -105,7 +106,7 @@ class WorkerBatching:
     def submit(self, rid: int, version: int, deadline: float | None, header_frame: Any, payload: list[Any],
                resolve: Any) -> list[Any] | None:
         """Queues one W_REQUEST; None when queued, else the reply frames (from MAGIC on) to send now."""
-        from sgserve.batching import BatchTask  # noqa: PLC0415
+        from sgserve.worker.batching import BatchTask  # noqa: PLC0415
 
         request_id = header = None
         try:
@@ -247,7 +248,7 @@ class WorkerProcess:
 
     def boot(self) -> int:
         spec = self.spec
-        pinning.die_with_parent()
+        process.die_with_parent()
         # Ctrl-C reaches the whole process group; the broker drains and then sends W_STOP.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         self.parent = os.getppid()
@@ -257,7 +258,7 @@ class WorkerProcess:
             log.error("cannot pin to cores %s: %s", spec.cores, exc)
             return EXIT_BOOT_ERROR
         if spec.batching is not None:
-            from sgserve.batching import BatchingConfigError, BatchingParameters  # noqa: PLC0415
+            from sgserve.models.batching_params import BatchingConfigError, BatchingParameters  # noqa: PLC0415
 
             try:  # after pinning: an unset num_batch_threads means this worker's cores
                 self.batching = WorkerBatching(BatchingParameters.from_dict(spec.batching), self.runtimes, spec.index)
@@ -303,7 +304,7 @@ class WorkerProcess:
 
     def _warmup_requests(self, name: str, version_dir: str) -> list[Any] | None:
         """TF Serving's assets.extra warmup file, else --warmup-file, else None (synthetic)."""
-        from sgserve import warmup  # noqa: PLC0415
+        from sgserve.models import warmup  # noqa: PLC0415
 
         path = warmup.tfserving_warmup_path(version_dir)
         if os.path.isfile(path):

@@ -40,7 +40,7 @@ import sys
 import time
 import traceback
 
-from sgserve.worker import pinning
+from sgserve import process
 
 REPARENT_TIMEOUT = 10.0  # seconds a new worker waits for its middle process to exit
 
@@ -79,7 +79,7 @@ def preload() -> None:
 
     import sgserve.worker.serve  # noqa: F401, PLC0415
 
-    for name in ("sgserve.worker.runtime", "sgserve.warmup", "sgserve.batching",
+    for name in ("sgserve.worker.runtime", "sgserve.models.warmup", "sgserve.worker.batching",
                  "tensorflow.python.framework.graph_util_impl"):
         try:  # what a worker imports when it builds a model; it reports its own errors itself
             __import__(name)
@@ -154,7 +154,7 @@ def run_worker(argv: list[str], broker_pid: int, sock: socket.socket) -> None:
             time.sleep(0.0005)
         if os.getppid() != broker_pid:
             os._exit(0)  # the broker is gone (or is no subreaper): nobody would supervise us
-        pinning.die_with_parent()
+        process.die_with_parent()
         if os.getppid() != broker_pid:  # it died before the line above
             os._exit(0)
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -164,7 +164,7 @@ def run_worker(argv: list[str], broker_pid: int, sock: socket.socket) -> None:
         os.close(devnull)
         try:
             spec = json.loads(argv[0])
-            pinning.set_process_name(f"sgserve-w{int(spec['index'])}")
+            process.set_process_name(f"sgserve-w{int(spec['index'])}")
         except (ValueError, KeyError, TypeError, IndexError):
             pass
         sys.argv = [sys.argv[0], *argv]
@@ -203,10 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     except (IndexError, ValueError):
         print("usage: python -m sgserve.worker.zygote FD BROKER_PID", file=sys.stderr)
         return 2
-    pinning.die_with_parent()
+    process.die_with_parent()
     if os.getppid() != broker_pid:
         return 0
-    pinning.set_process_name("sgserve-zygote")
+    process.set_process_name("sgserve-zygote")
     # Ctrl-C reaches the whole process group; the broker stops us by closing the socket.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     sock = socket.socket(fileno=fd)

@@ -11,7 +11,7 @@ import numpy as np
 import psutil
 import zmq
 
-from sgserve.broker import Broker
+from sgserve.broker.broker import Broker
 from sgserve.config import ModelSpec, ServerConfig
 from sgserve.protocol import MAGIC
 

@@ -15,7 +15,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from broker_helpers import ECHO_WORKER, RunningBroker, demo_models, descendants, test_config
-from sgserve.broker import Broker
+from sgserve.broker.broker import Broker
 from sgserve.config import ModelSpec
 
 

@@ -14,7 +14,7 @@ import pytest
 import zmq
 
 from sgserve.broker.core import RoutingCore
-from sgserve.broker.model_manager import ModelManager
+from sgserve.models.manager import ModelManager
 from sgserve.broker.policies import load_policy
 from sgserve.broker.worker_table import WorkerTable
 from sgserve.protocol import MAGIC, W_HEARTBEAT, W_READY, W_REQUEST, parse_route, reply_frame

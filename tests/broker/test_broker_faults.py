@@ -14,8 +14,8 @@ import pytest
 
 import sgserve.broker.supervisor as supervisor_module
 from broker_helpers import ECHO_WORKER, demo_models, descendants, predict_header, recv, send, test_config
-from sgserve.broker import BindError, Broker
-from sgserve.config import EXIT_BOOT_ERROR, EXIT_MODEL_ERROR
+from sgserve.broker.broker import BindError, Broker
+from sgserve.process import EXIT_BOOT_ERROR, EXIT_MODEL_ERROR
 
 SLEEP = {"name": "sleep_s", "dtype": "float32", "shape": []}
 

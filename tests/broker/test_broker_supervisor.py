@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from broker_helpers import demo_models, test_config
-from sgserve.broker.supervisor import DEFAULT_WORKER_COMMAND, Supervisor, assign_cores, describe_exit, worker_env
+from sgserve.broker.supervisor import DEFAULT_WORKER_COMMAND, Supervisor, assign_cores
+from sgserve.process import child_env, describe_exit
 from sgserve.broker.worker_table import WorkerTable
 from sgserve.config import WorkerSpec
 
@@ -44,9 +45,9 @@ def test_worker_spec_and_command() -> None:
     assert custom.command == ["/bin/echo", "hi"]
 
 
-def test_worker_env_makes_this_sgserve_importable(monkeypatch) -> None:
+def test_child_env_makes_this_sgserve_importable(monkeypatch) -> None:
     monkeypatch.setenv("PYTHONPATH", "/elsewhere")
-    env = worker_env()
+    env = child_env()
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert env["PYTHONPATH"].split(os.pathsep) == [root, "/elsewhere"]
 

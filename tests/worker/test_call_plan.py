@@ -14,9 +14,10 @@ import msgpack
 import numpy as np
 import pytest
 
-from sgserve import loader, protocol, shared_segment
+from sgserve import protocol
+from sgserve.models import loader, shared_segment
 from sgserve.errors import InvalidArgument
-from tests import test_model_formats
+from tests.models import test_model_formats
 
 NUMERIC = tuple(protocol.DTYPES)
 

@@ -1,6 +1,6 @@
 """The loader: reads one model version's variables once and writes them into one shared segment.
 
-Runs as its own short-lived process (``python -m sgserve.loader``) so that the broker never imports
+Runs as its own short-lived process (``python -m sgserve.models.loader``) so that the broker never imports
 TensorFlow and a loader crash cannot take the server down. It prints progress on stderr and, on
 success, the ModelSpec as one JSON line on stdout. Exit code 2 means "this model cannot be served"
 (missing or corrupt directory); the message on stderr says why. Any partly written segment is
@@ -20,13 +20,13 @@ from typing import Any, Callable
 import msgpack
 import numpy as np
 
-from sgserve import shared_segment
+from sgserve.models import shared_segment
 from sgserve.config import ModelSpec
 from sgserve.errors import NotFound
+from sgserve.process import EXIT_MODEL_ERROR, die_with_parent, lowest_priority
 
 log = logging.getLogger(__name__)
 
-EXIT_MODEL_ERROR = 2
 
 
 class ModelNotFound(NotFound):
@@ -95,7 +95,7 @@ class Progress:
 
 def _checkpoint_crcs(ckpt_prefix: str) -> dict[str, Any]:
     """Per-tensor (crc32c, dtype, shape, sliced) from the checkpoint index; {} when unreadable."""
-    from sgserve import checkpoint_index  # noqa: PLC0415
+    from sgserve.models import checkpoint_index  # noqa: PLC0415
 
     try:
         return checkpoint_index.read_index(ckpt_prefix)
@@ -137,7 +137,7 @@ def load_version(name: str, base_path: str, version: int, sid: str,
     """
     import tensorflow as tf  # noqa: PLC0415
 
-    from sgserve import model_graph  # noqa: PLC0415
+    from sgserve.models import graph_rewrite  # noqa: PLC0415
 
     started = time.monotonic()
     version_dir = os.path.join(base_path, str(version))
@@ -153,13 +153,13 @@ def load_version(name: str, base_path: str, version: int, sid: str,
                     os.path.join(version_dir, "variables")):
                 reader, shapes, dtypes = None, {}, {}
             else:
-                raise model_graph.ModelFormatError(
+                raise graph_rewrite.ModelFormatError(
                     f"{version_dir}: no checkpoint at variables/variables.index ({type(exc).__name__})") from None
         else:
-            raise model_graph.ModelFormatError(
+            raise graph_rewrite.ModelFormatError(
                 f"{version_dir}: corrupt checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:300]})") from None
 
-    sg = model_graph.build_serving_graph(
+    sg = graph_rewrite.build_serving_graph(
         version_dir, table_prefix=f"sgserve/{name}/{version}",
         variable_shapes={k: list(v) for k, v in shapes.items()},
         variable_dtypes={k: v for k, v in dtypes.items()})
@@ -179,9 +179,9 @@ def load_version(name: str, base_path: str, version: int, sid: str,
             tensors.append(dict(placed[var.key], node=var.node))
             continue
         if var.key not in shapes:
-            raise model_graph.ModelFormatError(
+            raise graph_rewrite.ModelFormatError(
                 f"{version_dir}: variable '{var.node}' (checkpoint key '{var.key}') is not in the checkpoint")
-        dtype = model_graph.dtype_name(tf.as_dtype(dtypes[var.key]).as_datatype_enum)
+        dtype = graph_rewrite.dtype_name(tf.as_dtype(dtypes[var.key]).as_datatype_enum)
         crc = crcs.get(var.key)
         old = _reusable(base, var.key, crc)
         if old is not None:
@@ -231,7 +231,7 @@ def load_version(name: str, base_path: str, version: int, sid: str,
                 try:
                     arr = reader.get_tensor(entry["key"])
                 except Exception as exc:  # noqa: BLE001 - IndexError, DataLossError, ... on a bad file
-                    raise model_graph.ModelFormatError(
+                    raise graph_rewrite.ModelFormatError(
                         f"{version_dir}: corrupt or truncated checkpoint data for '{entry['key']}' "
                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
                 writer.write(entry["offset"], arr)
@@ -251,7 +251,7 @@ def load_version(name: str, base_path: str, version: int, sid: str,
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sgserve.loader", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m sgserve.models.loader", description=__doc__)
     p.add_argument("--name", help="the model's name (one-shot mode)")
     p.add_argument("--base-path", help="TF Serving model base path; omit with --demo")
     p.add_argument("--version", type=int, default=None, help="default: the highest version")
@@ -266,8 +266,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not args.serve and not args.name:
         p.error("--name is required (or --serve)")
-    from sgserve.worker.pinning import die_with_parent  # noqa: PLC0415
-
     die_with_parent()
     if args.cores:
         os.sched_setaffinity(0, [int(c) for c in args.cores.split(",")])
@@ -279,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         base = args.base_path
         if args.demo_cache_dir:
-            from sgserve import demo  # noqa: PLC0415
+            from sgserve.models import demo  # noqa: PLC0415
 
             base = demo.ensure_demo_model(args.demo_cache_dir)
         version = args.version if args.version is not None else latest_version(base)
@@ -292,26 +290,6 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.write(json.dumps(spec.to_dict()) + "\n")
     sys.stdout.flush()
     return 0
-
-
-def lowest_priority() -> None:
-    """SCHED_IDLE for every thread of this process: only CPU time the workers leave idle.
-
-    A thread inherits its creator's policy, but threads started at import time (numpy's BLAS pool)
-    exist before this runs, so each one is set; call again after imports that start threads.
-    """
-    try:
-        tids = [int(t) for t in os.listdir("/proc/self/task")]
-    except OSError:
-        tids = [0]
-    for tid in tids:
-        try:
-            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
-        except (AttributeError, OSError):
-            try:
-                os.setpriority(os.PRIO_PROCESS, tid, 19)
-            except OSError:
-                pass
 
 
 def _why(exc: BaseException) -> str:
@@ -327,7 +305,7 @@ def serve_jobs(sid: str) -> int:
     """
     import tensorflow as tf  # noqa: PLC0415, F401 - paid once, here
 
-    from sgserve import checkpoint_index, model_graph  # noqa: PLC0415, F401 - imported now, not during the first job
+    from sgserve.models import checkpoint_index, graph_rewrite  # noqa: PLC0415, F401 - imported now, not during the first job
 
     lowest_priority()  # the threads the imports started, too
     sys.stdout.write(json.dumps({"ready": True}) + "\n")

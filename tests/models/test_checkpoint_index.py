@@ -9,8 +9,8 @@ import time
 import numpy as np
 import pytest
 
-from sgserve import checkpoint_index
-from sgserve.checkpoint_index import CheckpointIndexError, TensorEntry, changed_keys, read_index
+from sgserve.models import checkpoint_index
+from sgserve.models.checkpoint_index import CheckpointIndexError, TensorEntry, changed_keys, read_index
 
 tf = pytest.importorskip("tensorflow")
 
@@ -19,7 +19,7 @@ OBJECT_GRAPH = "_CHECKPOINTABLE_OBJECT_GRAPH"
 
 
 def wire_dtype(dt) -> str:
-    """sgserve's dtype naming rule (model_graph.dtype_name): "string", else the numpy name."""
+    """sgserve's dtype naming rule (graph_rewrite.dtype_name): "string", else the numpy name."""
     dt = tf.as_dtype(dt)
     return "string" if dt == tf.string else np.dtype(dt.as_numpy_dtype).name
 

@@ -111,7 +111,7 @@ class RawClient:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, cache_dir) -> dict[str, Any]:
-    from sgserve.demo import ensure_demo_model
+    from sgserve.models.demo import ensure_demo_model
 
     d = tmp_path_factory.mktemp("batching-models")
     table = build_varlen(str(d / "varlen"))

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from sgserve import loader, shared_segment
+from sgserve.models import loader, shared_segment
 from sgserve.errors import InvalidArgument
 
 
@@ -92,7 +92,7 @@ def test_segment_is_read_only_in_workers(runtime_of):
     # The worker's view is a PROT_READ mapping: the manifest says where emb lives; writing it must fault.
     import subprocess
     import sys
-    code = ("from sgserve.shared_segment import SegmentView; v = SegmentView(%r); "
+    code = ("from sgserve.models.shared_segment import SegmentView; v = SegmentView(%r); "
             "a = v.array(0, 'float32', [16]); a[0] = 1.0" % spec.segment)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True)
     assert r.returncode == -11  # SIGSEGV: the model cannot be corrupted by a worker bug
@@ -102,7 +102,7 @@ def test_corrupt_model_is_a_clear_error(tmp_path):
     bad = tmp_path / "bad" / "1"
     bad.mkdir(parents=True)
     (bad / "saved_model.pb").write_bytes(b"\x00garbage" * 10)
-    from sgserve.model_graph import ModelFormatError
+    from sgserve.models.graph_rewrite import ModelFormatError
 
     before = {n for n in os.listdir("/dev/shm") if n.startswith("sgserve_")}
     with pytest.raises(ModelFormatError) as e:

@@ -29,12 +29,12 @@ import tempfile
 import time
 from typing import Any, Callable, Iterable, Sequence
 
-from sgserve import shared_segment
-from sgserve.broker.loader_service import LoaderDied, LoaderService
+from sgserve.models import shared_segment
+from sgserve.models.loader_service import LoaderDied, LoaderService
 from sgserve.broker.worker_table import WorkerSlot, WorkerState, WorkerTable
 from sgserve.config import ModelSpec, ServerConfig
 from sgserve.errors import InvalidArgument, NotFound, Unavailable
-from sgserve.tfs_config import ModelConfig, ModelConfigError, parse_model_server_config, read_model_server_config
+from sgserve.models.tfs_config import ModelConfig, ModelConfigError, parse_model_server_config, read_model_server_config
 
 log = logging.getLogger(__name__)
 

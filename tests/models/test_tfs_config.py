@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from sgserve.tfs_config import (ModelConfig, ModelConfigError, VersionPolicy, load_model_server_config,
+from sgserve.models.tfs_config import (ModelConfig, ModelConfigError, VersionPolicy, load_model_server_config,
                                 parse_model_server_config, parse_version_policy)
 
 # Written the way the TF Serving docs (serving_config.md) write them: single quotes, comments, map

@@ -13,7 +13,7 @@ from typing import Iterator
 
 import pytest
 
-from sgserve import loadgen
+from sgserve.bench import loadgen
 from tests.conftest import free_port
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

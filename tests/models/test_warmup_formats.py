@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from sgserve.warmup import (MAX_WARMUP_RECORDS, WarmupFormatError, read_sgserve_warmup, read_tfserving_warmup,
+from sgserve.models.warmup import (MAX_WARMUP_RECORDS, WarmupFormatError, read_sgserve_warmup, read_tfserving_warmup,
                             tfserving_warmup_path)
 
 tf = pytest.importorskip("tensorflow")
@@ -52,7 +52,7 @@ def test_tfserving_warmup_file(tmp_path, caplog):
         classify_log(),
         predict_log("by_item", {"item": np.array(9, dtype=np.int64)}),
     ])
-    with caplog.at_level(logging.WARNING, logger="sgserve.warmup"):
+    with caplog.at_level(logging.WARNING, logger="sgserve.models.warmup"):
         requests = read_tfserving_warmup(path)
     assert len(requests) == 2
     first, second = requests

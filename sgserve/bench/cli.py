@@ -1,4 +1,4 @@
-"""`sgserve bench`: the load tester's command line (the engine is sgserve.loadgen)."""
+"""`sgserve bench`: the load tester's command line (the engine is sgserve.bench.loadgen)."""
 from __future__ import annotations
 
 import json
@@ -93,7 +93,7 @@ def bench(model: str, endpoint: str | None, compare: str | None, concurrency: li
     and latency counts from each request's intended send time, so overload shows in the
     percentiles. Lists sweep: one point per (batch size, concurrency or rate, endpoint).
     """
-    from sgserve import loadgen  # noqa: PLC0415
+    from sgserve.bench import loadgen  # noqa: PLC0415
 
     if rate is not None and concurrency is not None:
         raise click.UsageError("give --concurrency (closed loop) or --rate (open loop), not both")

@@ -1,4 +1,4 @@
-"""The broker's handle on a long-lived loader process (``python -m sgserve.loader --serve``).
+"""The broker's handle on a long-lived loader process (``python -m sgserve.models.loader --serve``).
 
 TensorFlow takes seconds to import; a loader started per version would pay that on every update,
 however little changed. One loader process stays up instead, at SCHED_IDLE priority (it only gets
@@ -15,7 +15,7 @@ import subprocess
 import sys
 from typing import Any
 
-from sgserve.broker.supervisor import describe_exit, worker_env
+from sgserve.process import child_env, describe_exit
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +38,10 @@ class LoaderService:
         """Starts the process if it is not running (TensorFlow then imports in the background)."""
         if self.proc is not None and self.proc.poll() is None:
             return
-        cmd = [sys.executable, "-m", "sgserve.loader", "--serve", "--background", "--server-id", self.server_id]
+        cmd = [sys.executable, "-m", "sgserve.models.loader", "--serve", "--background", "--server-id", self.server_id]
         if self.cores:
             cmd += ["--cores", ",".join(map(str, self.cores))]
-        env = dict(worker_env(), TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
+        env = dict(child_env(), TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
         with open(self.log_path, "ab") as err:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, env=env)
         os.set_blocking(self.proc.stdout.fileno(), False)

@@ -21,7 +21,7 @@ A B A B ... per point, so that noise on the machine hits every endpoint alike.
 
 Python API::
 
-    from sgserve import loadgen
+    from sgserve.bench import loadgen
     cfg = loadgen.BenchConfig(endpoint="tcp://127.0.0.1:8510", model="demo",
                               concurrency=[1, 4, 16], batch_size=[1, 32], duration=5)
     results = loadgen.run_points(cfg)            # list[BenchResult], one per (batch, load, endpoint)
@@ -275,7 +275,7 @@ class SgserveEndpoint:
     """An sgserve broker, through one Client whose sockets are per thread."""
 
     def __init__(self, url: str, cfg: BenchConfig) -> None:
-        from sgserve.client import Client  # noqa: PLC0415 - keeps `import sgserve.loadgen` light
+        from sgserve.client import Client  # noqa: PLC0415 - keeps `import sgserve.bench.loadgen` light
 
         self.url, self.cfg = url, cfg
         self.client = Client(url, timeout=cfg.timeout)
