@@ -136,6 +136,42 @@ def _string_list(node) -> list[str]:
     return [s.decode("utf-8") for s in node.attr["value"].tensor.string_val]
 
 
+def _restore_key(tensor: str, nodes: dict[str, Any]) -> str | None:
+    """The checkpoint key restored into ``tensor``: follow Identity chains back to a RestoreV2
+    output, then read its tensor_names const."""
+    for _ in range(16):
+        n = nodes.get(_node_of(tensor))
+        if n is None:
+            return None
+        if n.op in ("Identity", "Snapshot"):
+            tensor = n.input[0]
+            continue
+        if n.op in ("RestoreV2", "Restore"):
+            const = nodes.get(_node_of(n.input[1]))
+            if const is None or const.op != "Const":
+                return None
+            names_list = _string_list(const)
+            idx = _output_index(tensor)
+            return names_list[idx] if idx < len(names_list) else None
+        return None
+    return None
+
+
+def _keys_restored_by_call(call, fdef, keys: dict[str, str]) -> None:
+    """A TF2 restore function: its arguments are the variable handles it assigns."""
+    arg_names = [a.name for a in fdef.signature.input_arg]
+    fnodes = {d.name: d for d in fdef.node_def}
+    for d in fdef.node_def:
+        if d.op in ("AssignVariableOp", "Assign"):
+            arg = _node_of(d.input[0])
+            if arg in arg_names:
+                i = arg_names.index(arg)
+                if i < len(call.input):
+                    key = _restore_key(d.input[1], fnodes)
+                    if key is not None:
+                        keys[_node_of(call.input[i])] = key
+
+
 def checkpoint_keys(mg) -> dict[str, str]:
     """Variable node name -> checkpoint key, by tracing the saver's restore op.
 
@@ -146,55 +182,20 @@ def checkpoint_keys(mg) -> dict[str, str]:
     funcs = {f.signature.name: f for f in mg.graph_def.library.function}
     keys: dict[str, str] = {}
     restore = _node_of(mg.saver_def.restore_op_name) if mg.saver_def.restore_op_name else ""
-
-    def restore_key(tensor: str, fn_nodes: dict[str, Any]) -> str | None:
-        # Follow Identity chains back to a RestoreV2 output, then read its tensor_names const.
-        seen = 0
-        while seen < 16:
-            seen += 1
-            n = fn_nodes.get(_node_of(tensor))
-            if n is None:
-                return None
-            if n.op in ("Identity", "Snapshot"):
-                tensor = n.input[0]
-                continue
-            if n.op in ("RestoreV2", "Restore"):
-                const = fn_nodes.get(_node_of(n.input[1]))
-                if const is None or const.op != "Const":
-                    return None
-                names_list = _string_list(const)
-                idx = _output_index(tensor)
-                return names_list[idx] if idx < len(names_list) else None
-            return None
-        return None
-
-    if restore and restore in nodes:
-        stack, seen = [restore], set()
-        while stack:
-            name = stack.pop()
-            if name in seen or name not in nodes:
-                continue
-            seen.add(name)
-            n = nodes[name]
-            if n.op in ("Assign", "AssignVariableOp"):
-                var = _node_of(n.input[0])
-                key = restore_key(n.input[1], nodes)
-                if key is not None:
-                    keys[var] = key
-            elif n.op in ("StatefulPartitionedCall", "PartitionedCall") and n.attr["f"].func.name in funcs:
-                fdef = funcs[n.attr["f"].func.name]
-                arg_names = [a.name for a in fdef.signature.input_arg]
-                fnodes = {d.name: d for d in fdef.node_def}
-                for d in fdef.node_def:
-                    if d.op in ("AssignVariableOp", "Assign"):
-                        arg = _node_of(d.input[0])
-                        if arg in arg_names:
-                            i = arg_names.index(arg)
-                            if i < len(n.input):
-                                key = restore_key(d.input[1], fnodes)
-                                if key is not None:
-                                    keys[_node_of(n.input[i])] = key
-            stack.extend(_node_of(i) for i in n.input)
+    stack, seen = ([restore] if restore in nodes else []), set()
+    while stack:
+        name = stack.pop()
+        if name in seen or name not in nodes:
+            continue
+        seen.add(name)
+        n = nodes[name]
+        if n.op in ("Assign", "AssignVariableOp"):
+            key = _restore_key(n.input[1], nodes)
+            if key is not None:
+                keys[_node_of(n.input[0])] = key
+        elif n.op in ("StatefulPartitionedCall", "PartitionedCall") and n.attr["f"].func.name in funcs:
+            _keys_restored_by_call(n, funcs[n.attr["f"].func.name], keys)
+        stack.extend(_node_of(i) for i in n.input)
     for n in mg.graph_def.node:
         if n.op in VARIABLE_OPS and n.name not in keys:
             shared = n.attr["shared_name"].s.decode() if "shared_name" in n.attr else ""
@@ -237,6 +238,30 @@ def _tensor_info(info) -> TensorInfo:
     return TensorInfo(tensor=info.name, dtype=dtype_name(info.dtype), shape=shape)
 
 
+def _init_nodes(mg, node_names: set[str]) -> list[str]:
+    """The table initializers: the __saved_model_init_op signature and TF1's init collections."""
+    init_nodes: list[str] = []
+    if INIT_SIGNATURE in mg.signature_def:
+        init_nodes += [_node_of(t.name) for t in mg.signature_def[INIT_SIGNATURE].outputs.values()]
+    for coll in INIT_COLLECTIONS:
+        if coll in mg.collection_def:
+            init_nodes += [_node_of(n) for n in mg.collection_def[coll].node_list.value]
+    return [n for n in dict.fromkeys(init_nodes) if n in node_names]
+
+
+def _scope_shared_resources(gd, table_prefix: str) -> None:
+    """Tables (and other shared resources) must be the same object in the init graph and in each
+    serving graph of this worker, and distinct across model versions."""
+    for n in gd.node:
+        if "shared_name" in n.attr and n.op not in VARIABLE_OPS and n.op != "Placeholder":
+            if not n.attr["shared_name"].s:
+                n.attr["shared_name"].s = f"{table_prefix}/{n.name}".encode()
+            else:
+                n.attr["shared_name"].s = f"{table_prefix}/".encode() + n.attr["shared_name"].s
+            if "use_node_name_sharing" in n.attr:
+                n.attr["use_node_name_sharing"].b = False
+
+
 def build_serving_graph(version_dir: str, table_prefix: str,
                         variable_shapes: dict[str, list[int]] | None = None,
                         variable_dtypes: dict[str, Any] | None = None) -> ServingGraph:
@@ -248,14 +273,8 @@ def build_serving_graph(version_dir: str, table_prefix: str,
     sigs = {k: s for k, s in mg.signature_def.items() if k != INIT_SIGNATURE}
     if not sigs:
         raise ModelFormatError(f"{version_dir}: the SavedModel has no serving signatures")
-    init_nodes: list[str] = []
-    if INIT_SIGNATURE in mg.signature_def:
-        init_nodes += [_node_of(t.name) for t in mg.signature_def[INIT_SIGNATURE].outputs.values()]
-    for coll in INIT_COLLECTIONS:
-        if coll in mg.collection_def:
-            init_nodes += [_node_of(n) for n in mg.collection_def[coll].node_list.value]
     node_names = {n.name for n in mg.graph_def.node}
-    init_nodes = [n for n in dict.fromkeys(init_nodes) if n in node_names]
+    init_nodes = _init_nodes(mg, node_names)
 
     out_nodes = [_node_of(t.name) for s in sigs.values() for t in s.outputs.values()]
     in_names = [t.name for s in sigs.values() for t in s.inputs.values()]
@@ -270,21 +289,8 @@ def build_serving_graph(version_dir: str, table_prefix: str,
     flat = _inline_functions(sub, in_names + [f"{n}" for n in out_nodes] + init_nodes)
 
     variables = _rewrite_variables(flat, keys, variable_shapes or {}, variable_dtypes or {})
-    for n in flat.node:
-        # Tables (and other shared resources) must be the same object in the init graph and in each
-        # serving graph of this worker, and distinct across model versions.
-        if "shared_name" in n.attr and n.op not in VARIABLE_OPS and n.op != "Placeholder":
-            if not n.attr["shared_name"].s:
-                n.attr["shared_name"].s = f"{table_prefix}/{n.name}".encode()
-            else:
-                n.attr["shared_name"].s = f"{table_prefix}/".encode() + n.attr["shared_name"].s
-            if "use_node_name_sharing" in n.attr:
-                n.attr["use_node_name_sharing"].b = False
-
-    assets: dict[str, str] = {}
-    for a in mg.asset_file_def:
-        assets[a.tensor_info.name] = os.path.join(version_dir, "assets", a.filename)
-
+    _scope_shared_resources(flat, table_prefix)
+    assets = {a.tensor_info.name: os.path.join(version_dir, "assets", a.filename) for a in mg.asset_file_def}
     signatures = {
         k: SignatureInfo(
             method=s.method_name,
@@ -306,113 +312,138 @@ def build_serving_graph(version_dir: str, table_prefix: str,
 def _rewrite_variables(gd, keys: dict[str, str], shapes: dict[str, list[int]],
                        dtypes: dict[str, Any]) -> list[VariableInput]:
     """Variable ops -> Placeholders; their readers -> plain ops. Edits ``gd`` in place."""
-    tf = _tf()
-    from tensorflow.core.framework import attr_value_pb2, tensor_shape_pb2  # noqa: PLC0415
-
-    consumers: dict[str, list[tuple[Any, int]]] = {}
+    consumers: dict[str, list[Any]] = {}
     for n in gd.node:
-        for i, inp in enumerate(n.input):
+        for inp in n.input:
             if not inp.startswith("^"):
-                consumers.setdefault(_node_of(inp), []).append((n, i))
-
+                consumers.setdefault(_node_of(inp), []).append(n)
     variables: list[VariableInput] = []
-    axis_consts: list[Any] = []
+    axis_consts: list[tuple[str, int]] = []
     for var in [n for n in gd.node if n.op in VARIABLE_OPS]:
-        key = keys.get(var.name, var.name)
-        dt_enum = var.attr["dtype"].type
-        base = tf.as_dtype(dt_enum).base_dtype
-        if key in dtypes:
-            base = tf.as_dtype(dtypes[key]).base_dtype
-        shape = shapes.get(key)
-        if shape is None:
-            shape = [int(d.size) for d in var.attr["shape"].shape.dim]
-        name = var.name
-        var.Clear()
-        var.name = name
-        var.op = "Placeholder"
-        var.attr["dtype"].type = base.as_datatype_enum
-        var.attr["shape"].shape.CopyFrom(
-            tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=d) for d in shape]))
-        variables.append(VariableInput(node=name, key=key, dtype=dtype_name(base.as_datatype_enum), shape=list(shape)))
+        variable, base = _to_placeholder(var, keys, shapes, dtypes)
+        variables.append(variable)
         # Walk everything the handle reaches through forwarding ops.
-        stack = [name]
-        visited: set[str] = set()
+        stack, visited = [var.name], set()
         while stack:
             src = stack.pop()
-            if src in visited:
-                continue
-            visited.add(src)
-            for user, _ in consumers.get(src, []):
-                op = user.op
-                if op in FORWARDING_OPS:
-                    attr = FORWARDING_OPS[op]
-                    if op == "IdentityN":
-                        lst = user.attr[attr].list.type
-                        for j, inp in enumerate(user.input):
-                            if _node_of(inp) == src and j < len(lst):
-                                lst[j] = base.as_datatype_enum
-                    else:
-                        user.attr[attr].type = base.as_datatype_enum
-                    stack.append(user.name)
-                elif op == "ReadVariableOp":
-                    user.op = "Identity"
-                    user.attr["T"].type = user.attr["dtype"].type
-                    del user.attr["dtype"]
-                    stack.append(user.name)
-                elif op == "ResourceGather":
-                    batch_dims = user.attr["batch_dims"].i if "batch_dims" in user.attr else 0
-                    tind = user.attr["Tindices"].type
-                    user.op = "GatherV2"
-                    for a in ("dtype", "validate_indices", "batch_dims"):
-                        if a in user.attr:
-                            del user.attr[a]
-                    user.attr["Tparams"].type = base.as_datatype_enum
-                    user.attr["Tindices"].type = tind
-                    user.attr["Taxis"].type = tf.int32.as_datatype_enum
-                    user.attr["batch_dims"].CopyFrom(attr_value_pb2.AttrValue(i=batch_dims))
-                    axis_name = f"{user.name}/sgserve_axis"
-                    axis_consts.append((axis_name, batch_dims))
-                    ctrl = [i for i in user.input if i.startswith("^")]
-                    data = [i for i in user.input if not i.startswith("^")]
-                    del user.input[:]
-                    user.input.extend(data[:2] + [axis_name] + ctrl)
-                elif op == "ResourceGatherNd":
-                    user.op = "GatherNd"
-                    user.attr["Tparams"].type = base.as_datatype_enum
-                    if "dtype" in user.attr:
-                        del user.attr["dtype"]
-                elif op in ("VariableShape",):
-                    user.op = "Shape"
-                    user.attr["out_type"].type = user.attr["out_type"].type or tf.int32.as_datatype_enum
-                    user.attr["T"].type = base.as_datatype_enum
-                elif op in ("VarIsInitializedOp", "IsVariableInitialized"):
-                    user.op = "Const"
-                    for a in list(user.attr):
-                        del user.attr[a]
-                    del user.input[:]
-                    user.attr["dtype"].type = tf.bool.as_datatype_enum
-                    user.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(True))
-                elif op in ("GatherV2", "Gather", "Shape", "Size", "Rank") or not _mutates_state(user):
-                    # A VariableV2 (ref) read directly by a plain op: the placeholder works as is.
-                    pass
-                else:
-                    raise ModelFormatError(
-                        f"variable '{name}' is used by op {op} ('{user.name}'), which sgserve cannot "
-                        f"serve from shared memory (inference graphs should only read variables)")
-    # Control edges on placeholders would survive import_graph_def's input_map and demand a feed.
+            if src not in visited:
+                visited.add(src)
+                for user in consumers.get(src, []):
+                    if _rewrite_reader(user, src, base, var.name, axis_consts):
+                        stack.append(user.name)
+    _drop_control_edges_on_placeholders(gd)
+    _add_axis_consts(gd, axis_consts)
+    return variables
+
+
+def _to_placeholder(var, keys: dict[str, str], shapes: dict[str, list[int]],
+                    dtypes: dict[str, Any]) -> tuple[VariableInput, Any]:
+    """Turns the variable op ``var`` into a Placeholder of the checkpoint's dtype and shape."""
+    tf = _tf()
+    from tensorflow.core.framework import tensor_shape_pb2  # noqa: PLC0415
+
+    key = keys.get(var.name, var.name)
+    base = tf.as_dtype(dtypes[key] if key in dtypes else var.attr["dtype"].type).base_dtype
+    shape = shapes.get(key)
+    if shape is None:
+        shape = [int(d.size) for d in var.attr["shape"].shape.dim]
+    name = var.name
+    var.Clear()
+    var.name = name
+    var.op = "Placeholder"
+    var.attr["dtype"].type = base.as_datatype_enum
+    var.attr["shape"].shape.CopyFrom(
+        tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=d) for d in shape]))
+    return VariableInput(node=name, key=key, dtype=dtype_name(base.as_datatype_enum), shape=list(shape)), base
+
+
+def _rewrite_reader(user, src: str, base, var_name: str, axis_consts: list[tuple[str, int]]) -> bool:
+    """Rewrites one consumer of a variable handle; True when its outputs still carry the handle
+    (forwarding ops and reads), so its own consumers must be visited too."""
+    tf = _tf()
+    op = user.op
+    if op in FORWARDING_OPS:
+        attr = FORWARDING_OPS[op]
+        if op == "IdentityN":
+            lst = user.attr[attr].list.type
+            for j, inp in enumerate(user.input):
+                if _node_of(inp) == src and j < len(lst):
+                    lst[j] = base.as_datatype_enum
+        else:
+            user.attr[attr].type = base.as_datatype_enum
+        return True
+    if op == "ReadVariableOp":
+        user.op = "Identity"
+        user.attr["T"].type = user.attr["dtype"].type
+        del user.attr["dtype"]
+        return True
+    if op == "ResourceGather":
+        _gather_from_placeholder(user, base, axis_consts)
+    elif op == "ResourceGatherNd":
+        user.op = "GatherNd"
+        user.attr["Tparams"].type = base.as_datatype_enum
+        if "dtype" in user.attr:
+            del user.attr["dtype"]
+    elif op == "VariableShape":
+        user.op = "Shape"
+        user.attr["out_type"].type = user.attr["out_type"].type or tf.int32.as_datatype_enum
+        user.attr["T"].type = base.as_datatype_enum
+    elif op in ("VarIsInitializedOp", "IsVariableInitialized"):
+        user.op = "Const"
+        for a in list(user.attr):
+            del user.attr[a]
+        del user.input[:]
+        user.attr["dtype"].type = tf.bool.as_datatype_enum
+        user.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(True))
+    elif op not in ("GatherV2", "Gather", "Shape", "Size", "Rank") and _mutates_state(user):
+        raise ModelFormatError(
+            f"variable '{var_name}' is used by op {op} ('{user.name}'), which sgserve cannot "
+            f"serve from shared memory (inference graphs should only read variables)")
+    # Otherwise a VariableV2 (ref) read directly by a plain op: the placeholder works as is.
+    return False
+
+
+def _gather_from_placeholder(user, base, axis_consts: list[tuple[str, int]]) -> None:
+    """ResourceGather -> GatherV2 with an explicit axis input (a Const added by _add_axis_consts)."""
+    tf = _tf()
+    from tensorflow.core.framework import attr_value_pb2  # noqa: PLC0415
+
+    batch_dims = user.attr["batch_dims"].i if "batch_dims" in user.attr else 0
+    tind = user.attr["Tindices"].type
+    user.op = "GatherV2"
+    for a in ("dtype", "validate_indices", "batch_dims"):
+        if a in user.attr:
+            del user.attr[a]
+    user.attr["Tparams"].type = base.as_datatype_enum
+    user.attr["Tindices"].type = tind
+    user.attr["Taxis"].type = tf.int32.as_datatype_enum
+    user.attr["batch_dims"].CopyFrom(attr_value_pb2.AttrValue(i=batch_dims))
+    axis_name = f"{user.name}/sgserve_axis"
+    axis_consts.append((axis_name, batch_dims))
+    ctrl = [i for i in user.input if i.startswith("^")]
+    data = [i for i in user.input if not i.startswith("^")]
+    del user.input[:]
+    user.input.extend(data[:2] + [axis_name] + ctrl)
+
+
+def _drop_control_edges_on_placeholders(gd) -> None:
+    """Control edges on placeholders would survive import_graph_def's input_map and demand a feed."""
     placeholders = {n.name for n in gd.node if n.op == "Placeholder"}
     for n in gd.node:
         if any(i.startswith("^") and i[1:] in placeholders for i in n.input):
             kept = [i for i in n.input if not (i.startswith("^") and i[1:] in placeholders)]
             del n.input[:]
             n.input.extend(kept)
+
+
+def _add_axis_consts(gd, axis_consts: list[tuple[str, int]]) -> None:
+    tf = _tf()
     for axis_name, batch_dims in axis_consts:
         c = gd.node.add()
         c.name = axis_name
         c.op = "Const"
         c.attr["dtype"].type = tf.int32.as_datatype_enum
         c.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(batch_dims, dtype=tf.int32))
-    return variables
 
 
 def _mutates_state(user) -> bool:
