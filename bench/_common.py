@@ -136,7 +136,7 @@ def table(headers: list[str], rows: list[list[Any]]) -> str:
 
 
 def pct(values: list[float], p: float) -> float:
-    """Nearest-rank percentile (same definition as sgserve.bench.loadgen)."""
+    """Nearest-rank percentile (same definition as sgserve.bench.results.percentile)."""
     if not values:
         return float("nan")
     s = sorted(values)

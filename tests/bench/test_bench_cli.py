@@ -246,3 +246,44 @@ def test_tf_serving_metadata_becomes_a_signature():
                              "s": {"dtype": "string", "shape": None}}
     with pytest.raises(KeyError):
         loadgen.signature_from_tfserving(meta, "other")
+
+
+# --------------------------------------------------------------------------- progress display
+def test_progress_is_plain_lines_off_a_terminal():
+    import io
+
+    from sgserve.bench.progress import BenchProgress
+
+    out = io.StringIO()
+    show = BenchProgress(True, stream=out)
+    assert not show.tty
+    show.update("1/1 tcp://h:1 c=1 b=1", 0.5, 2.0, "warmup 0.5/2 s")
+    show.update("1/1 tcp://h:1 c=1 b=1", 0.6, 2.0, "warmup 0.6/2 s")  # within PROGRESS_LOG_S: not shown
+    show.update("1/1 tcp://h:1 c=1 b=1", 1.0, 1.0, "done, 100 QPS", final=True)
+    show.note("warning: slow")
+    show.close()
+    assert out.getvalue().splitlines() == ["[bench] 1/1 tcp://h:1 c=1 b=1: warmup 0.5/2 s",
+                                           "[bench] 1/1 tcp://h:1 c=1 b=1: done, 100 QPS", "[bench] warning: slow"]
+    quiet = io.StringIO()
+    BenchProgress(False, stream=quiet).update("x", 1, 1, "done", final=True)
+    assert quiet.getvalue() == ""
+
+
+def test_progress_draws_bars_that_keep_the_final_numbers_on_a_terminal():
+    import io
+
+    from rich.console import Console
+
+    from sgserve.bench.progress import BenchProgress
+
+    out = io.StringIO()
+    show = BenchProgress(True, console=Console(file=out, force_terminal=True, width=120, color_system=None))
+    assert show.tty
+    for head in ("1/2 A: tcp://h:1 c=1 b=1", "1/2 B: tcp://h:2 c=1 b=1"):
+        show.update(head, 0.5, 1.0, "0.5/1 s, 10 answers")
+        show.update(head, 1.0, 1.0, f"done, {len(head)} QPS", final=True)
+    show.close()
+    text = out.getvalue()
+    assert "[bench] 1/2 A: tcp://h:1 c=1 b=1" in text and "done, 24 QPS" in text  # markup-like text kept verbatim
+    assert "[bench] 1/2 B: tcp://h:2 c=1 b=1" in text
+    assert "\x1b[" in text  # drawn in place with cursor moves, not as log lines
