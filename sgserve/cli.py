@@ -1,11 +1,12 @@
 """The `sgserve` command line: a thin click layer over ServerConfig, the Client and the load generator.
 
-Every option is also an environment variable (SGSERVE_<COMMAND>_<OPTION>, click's auto_envvar_prefix).
+`sgserve start`'s options come from ServerConfig's declaration (sgserve/settings.py), each also an
+environment variable SGSERVE_<OPTION>. Every option of every command is also SGSERVE_<COMMAND>_<OPTION>
+(click's auto_envvar_prefix).
 """
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 import time
@@ -14,8 +15,9 @@ from typing import Any
 import click
 import numpy as np
 
-from sgserve.config import ServerConfig
+from sgserve import settings
 from sgserve.errors import ServeError
+from sgserve.logs import setup_logging
 from sgserve.process import EXIT_CONFIG_ERROR
 from sgserve.bench.cli import bench
 from sgserve.protocol import default_endpoint
@@ -30,86 +32,15 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--model-base-path", type=click.Path(), default=None,
-              help="TF Serving layout: BASE/<integer version>/saved_model.pb. Default: the built-in demo model.")
-@click.option("--model-name", default=None, help="name clients use; default: the base path's last component, or 'demo'")
-@click.option("--workers", type=int, default=2, show_default=True, help="worker processes")
-@click.option("--cpus-per-worker", type=int, default=1, show_default=True,
-              help="cores per worker; worker i is pinned to cores [i*K, (i+1)*K)")
-@click.option("--policy", default="rr", show_default=True,
-              help="dispatch policy: rr, mod, least-loaded, or package.module:callable")
-@click.option("--endpoint", default=None, help=ENDPOINT_HELP)
-@click.option("--intra-op-threads", type=int, default=None, help="TF intra-op pool per worker (default: cpus-per-worker)")
-@click.option("--inter-op-threads", type=int, default=None, help="TF inter-op pool per worker (default: 1, or 2 above 2 cores)")
-@click.option("--allow-oversubscribe", is_flag=True, help="allow more worker cores than the machine has")
-@click.option("--max-request-bytes", type=int, default=64 * 1024 * 1024, show_default=True,
-              help="largest request payload accepted")
-@click.option("--max-enqueued", type=int, default=1024, show_default=True,
-              help="requests that may wait for a free worker before new ones get 429")
-@click.option("--worker-timeout", type=float, default=30.0, show_default=True,
-              help="seconds a worker may hold one request before it counts as hung and is restarted")
-@click.option("--boot-timeout", type=float, default=120.0, show_default=True,
-              help="seconds a worker may take to map the model and warm up before the server gives up")
-@click.option("--drain-timeout", type=float, default=10.0, show_default=True,
-              help="on stop, seconds in-flight requests may take to finish")
-@click.option("--model-config-file", type=click.Path(), default=None,
-              help="TF Serving ModelServerConfig text file (model_config_list { config { name base_path "
-                   "model_version_policy version_labels } }): several models in one server")
-@click.option("--model-config-file-poll-wait-seconds", type=float, default=0.0, show_default=True,
-              help="re-read --model-config-file this often to add/remove models (0: read once, as TF Serving)")
-@click.option("--file-system-poll-wait-seconds", type=float, default=1.0, show_default=True,
-              help="how often each model's base path is scanned for new or removed versions")
-@click.option("--max-num-load-retries", type=int, default=5, show_default=True,
-              help="a failed load (e.g. a version still being copied) is retried this many times")
-@click.option("--load-retry-interval", type=float, default=60.0, show_default=True,
-              help="seconds between load retries")
-@click.option("--model-version-policy", default="latest", show_default=True,
-              help="for --model-base-path: latest[:N], all, or specific:V1,V2 (config files say it per model)")
-@click.option("--version-transition", default="availability-preserving", show_default=True,
-              type=click.Choice(["availability-preserving", "resource-preserving"]),
-              help="load the new version before unloading the old (default), or unload first to save memory")
-@click.option("--enable-model-warmup/--no-model-warmup", default=True, show_default=True,
-              help="warm each version on every worker before it takes traffic")
-@click.option("--warmup-file", type=click.Path(), default=None,
-              help="sgserve JSON-lines warmup requests, used when a version has no "
-                   "assets.extra/tf_serving_warmup_requests")
-@click.option("--incremental-updates/--no-incremental-updates", default=True, show_default=True,
-              help="share tensors that did not change (same checkpoint crc32c) with the previous version")
-@click.option("--enable-batching", is_flag=True,
-              help="batch the requests each worker holds into one model call (TF Serving's --enable_batching)")
-@click.option("--batching-parameters-file", type=click.Path(), default=None,
-              help="TF Serving BatchingParameters text file (max_batch_size { value: 32 } batch_timeout_micros "
-                   "{ value: 1000 } ...); default: TF Serving's defaults. Needs --enable-batching")
-@click.option("--log-level", default="warning", show_default=True,
-              type=click.Choice(["debug", "info", "warning", "error"]))
-def start(model_base_path: str | None, model_name: str | None, workers: int, cpus_per_worker: int, policy: str,
-          endpoint: str | None, intra_op_threads: int | None, inter_op_threads: int | None,
-          allow_oversubscribe: bool, max_request_bytes: int, max_enqueued: int, worker_timeout: float,
-          boot_timeout: float, drain_timeout: float, model_config_file: str | None,
-          model_config_file_poll_wait_seconds: float, file_system_poll_wait_seconds: float,
-          max_num_load_retries: int, load_retry_interval: float, model_version_policy: str,
-          version_transition: str, enable_model_warmup: bool, warmup_file: str | None,
-          incremental_updates: bool, enable_batching: bool, batching_parameters_file: str | None,
-          log_level: str) -> None:
+@settings.click_options
+def start(**options: object) -> None:
     """Serve a model in the foreground until SIGINT/SIGTERM (or `sgserve stop`)."""
+    config = settings.config_from_options(options)
+    if config.warmup_file:
+        config.warmup_file = os.path.abspath(config.warmup_file)
+    setup_logging("broker", config.log_level, config.log_format)  # exported: workers and the loader follow
     from sgserve import server  # noqa: PLC0415
 
-    os.environ["SGSERVE_LOG_LEVEL"] = log_level  # workers and the loader follow the server's level
-    logging.basicConfig(level=getattr(logging, log_level.upper()),
-                        format="%(asctime)s [sgserve pid %(process)d] %(levelname)s %(name)s: %(message)s")
-    config = ServerConfig(
-        model_base_path=model_base_path, model_name=model_name, workers=workers, cpus_per_worker=cpus_per_worker,
-        policy=policy, endpoint=endpoint or default_endpoint(), intra_op_threads=intra_op_threads,
-        inter_op_threads=inter_op_threads, allow_oversubscribe=allow_oversubscribe,
-        max_request_bytes=max_request_bytes, max_enqueued=max_enqueued, worker_timeout=worker_timeout,
-        boot_timeout=boot_timeout, drain_timeout=drain_timeout, model_config_file=model_config_file,
-        model_config_file_poll_wait_seconds=model_config_file_poll_wait_seconds,
-        file_system_poll_wait_seconds=file_system_poll_wait_seconds, max_num_load_retries=max_num_load_retries,
-        load_retry_interval=load_retry_interval, model_version_policy=model_version_policy,
-        version_transition=version_transition, enable_model_warmup=enable_model_warmup,
-        warmup_file=os.path.abspath(warmup_file) if warmup_file else None,
-        incremental_updates=incremental_updates, enable_batching=enable_batching,
-        batching_parameters_file=batching_parameters_file)
     try:
         code = server.run(config)
     except server.ConfigError as exc:

@@ -1,4 +1,6 @@
-"""Typed configuration: every server setting is declared once here; the CLI maps onto it 1:1."""
+"""Typed configuration. Every `sgserve start` setting is declared once, as a ServerConfig field: its
+name, type, default and help text live here, and sgserve/settings.py derives the command-line
+options, their environment variables and the README's options table from these fields."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,46 +10,139 @@ from typing import Any
 
 from sgserve.protocol import default_endpoint
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+VERSION_TRANSITIONS = ("availability-preserving", "resource-preserving")
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """How one ServerConfig field appears to a person: on the command line, in --help and the README.
+
+    ``flag`` is the option's spelling when it is not ``--<field name with dashes>`` (a boolean that
+    defaults to on says its off spelling too); ``shown_default`` says the default in words where the
+    value alone would not (None, a unit, a size)."""
+
+    help: str
+    flag: str = ""
+    shown_default: str = ""
+    choices: tuple[str, ...] = ()
+    path: bool = False
+
+
+def setting(default: Any = dataclasses.MISSING, *, help: str, factory: Any = dataclasses.MISSING,  # noqa: A002
+            **how: Any) -> Any:
+    """A ServerConfig field that is a setting (a field made otherwise is derived, never a flag)."""
+    return dataclasses.field(default=default, default_factory=factory, metadata={"setting": Setting(help, **how)})
+
+
+def _default_cache_dir() -> str:
+    return os.environ.get("SGSERVE_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "sgserve"))
+
 
 @dataclasses.dataclass
 class ServerConfig:
-    model_base_path: str | None = None  # TF Serving layout: BASE/<int version>/saved_model.pb
-    model_name: str | None = None  # default: basename of model_base_path, or "demo"
-    workers: int = 2
-    cpus_per_worker: int = 1
-    policy: str = "rr"  # rr | mod | least-loaded | package.module:callable
-    endpoint: str = dataclasses.field(default_factory=default_endpoint)
-    intra_op_threads: int | None = None  # default: cpus_per_worker
-    inter_op_threads: int | None = None  # default: 1 when cpus_per_worker <= 2 else 2
-    allow_oversubscribe: bool = False
-    max_request_bytes: int = 64 * 1024 * 1024
-    max_enqueued: int = 1024  # requests waiting in the broker for a free worker
-    worker_pipeline: int = 2  # requests a worker may hold at once (1 running + queued); batching raises it
-    heartbeat_interval: float = 1.0  # seconds between heartbeats, both ways
-    heartbeat_liveness: int = 3  # missed heartbeats before an idle worker counts as dead
-    worker_timeout: float = 30.0  # a request held longer than this marks its worker hung
-    boot_timeout: float = 120.0  # a worker that is not READY by then failed to boot
-    drain_timeout: float = 10.0  # on stop: how long in-flight requests may take
-    # Model lifecycle (TF Serving's flags and meanings).
-    model_config_file: str | None = None  # ModelServerConfig text format; replaces base path / name
-    model_config_file_poll_wait_seconds: float = 0.0  # 0 = read once at start (TF Serving's default)
-    file_system_poll_wait_seconds: float = 1.0  # how often base paths are scanned for versions
-    max_num_load_retries: int = 5  # a failed load is retried this many times (e.g. a copy in progress)
-    load_retry_interval: float = 60.0  # seconds between those retries
-    model_version_policy: str = "latest"  # for --model-base-path: latest[:N] | all | specific:V,V
-    version_transition: str = "availability-preserving"  # or "resource-preserving" (unload first)
-    enable_model_warmup: bool = True  # warm each version before it takes traffic
-    warmup_file: str | None = None  # sgserve's own JSON-lines warmup requests, for every model
-    incremental_updates: bool = True  # share unchanged tensors (same crc32c) with the previous version
+    """Everything `sgserve start` was told; the CLI builds it from its options, tests build it directly.
+
+    The field order is the order of `sgserve start --help` and of the README's options table."""
+
+    # Models and versions (TF Serving's flags and meanings).
+    model_base_path: str | None = setting(
+        None, path=True, shown_default="built-in demo",
+        help="TF Serving layout `BASE/<integer version>/saved_model.pb`, watched for new and removed versions")
+    model_name: str | None = setting(
+        None, shown_default="base path's last part, or demo", help="the name clients use")
+    model_version_policy: str = setting(
+        "latest", help="which versions of `--model-base-path` to serve: `latest[:N]`, `all`, or `specific:V1,V2` "
+                       "(a config file says it per model)")
+    model_config_file: str | None = setting(
+        None, path=True, shown_default="none",
+        help="TF Serving's `ModelServerConfig` text file (`model_config_list { config { name base_path "
+             "model_version_policy version_labels } }`): several models in one server; existing TF Serving "
+             "files work unchanged. Replaces `--model-base-path` and `--model-name`")
+    model_config_file_poll_wait_seconds: float = setting(
+        0.0, shown_default="0: read once, as TF Serving",
+        help="re-read `--model-config-file` this often (seconds), adding and removing models while serving")
+    file_system_poll_wait_seconds: float = setting(
+        1.0, shown_default="1 s", help="how often each model's base path is scanned for new or removed versions")
+    max_num_load_retries: int = setting(
+        5, help="a failed load (e.g. a version still being copied) is retried this many times, then FAILED")
+    load_retry_interval: float = setting(60.0, shown_default="60 s", help="seconds between load retries")
+    version_transition: str = setting(
+        "availability-preserving", choices=VERSION_TRANSITIONS,
+        help="load the new version before the old one unloads (`availability-preserving`), or unload first "
+             "(`resource-preserving`: hosts that cannot hold two versions)")
+    incremental_updates: bool = setting(
+        True, flag="--incremental-updates/--no-incremental-updates", shown_default="on",
+        help="a new version shares the tensors that did not change (same checkpoint crc32c) with the previous one")
+    enable_model_warmup: bool = setting(
+        True, flag="--enable-model-warmup/--no-model-warmup", shown_default="on",
+        help="warm each version on every worker before it takes traffic")
+    warmup_file: str | None = setting(
+        None, path=True, shown_default="none",
+        help="sgserve JSON-lines warmup requests, for versions without `assets.extra/tf_serving_warmup_requests`")
     # Server-side batching inside each worker (TF Serving's flags and meanings; sgserve/worker/batching.py).
-    enable_batching: bool = False
-    batching_parameters_file: str | None = None  # BatchingParameters text format; none: TF Serving's defaults
-    # Resolved at start by server.resolve_batching, not a flag: BatchingParameters.to_dict() (None:
-    # batching off), which every WorkerSpec carries; resolve_batching also raises worker_pipeline.
+    enable_batching: bool = setting(
+        False, shown_default="off",
+        help="server-side batching in every worker: requests for the same model, version and signature from "
+             "different clients run as one model call (TF Serving's --enable_batching)")
+    batching_parameters_file: str | None = setting(
+        None, path=True, shown_default="TF Serving's defaults",
+        help="TF Serving's `BatchingParameters` text file (`max_batch_size { value: 32 } batch_timeout_micros "
+             "{ value: 1000 } ...`): `max_batch_size`, `batch_timeout_micros`, `max_enqueued_batches`, "
+             "`num_batch_threads`, `allowed_batch_sizes`, `pad_variable_length_inputs`, "
+             "`enable_large_batch_splitting`. Needs `--enable-batching`")
+    max_batching_pipeline: int = setting(
+        4096, help="with `--enable-batching`: the most requests the broker lets one worker hold, enough to fill "
+                   "its queued and running batches; more wait in the broker (`--max-enqueued`)")
+    # Workers and cores.
+    workers: int = setting(2, help="worker processes")
+    cpus_per_worker: int = setting(1, help="cores per worker: worker i is pinned to cores `[i*K, (i+1)*K)`")
+    allow_oversubscribe: bool = setting(
+        False, shown_default="off", help="allow more worker cores than the machine has (refused without it)")
+    intra_op_threads: int | None = setting(
+        None, shown_default="`--cpus-per-worker`", help="TensorFlow intra-op pool per worker")
+    inter_op_threads: int | None = setting(
+        None, shown_default="1, or 2 above 2 cores per worker", help="TensorFlow inter-op pool per worker")
+    # The broker.
+    policy: str = setting(
+        "rr", help="dispatch policy: `rr`, `mod` (routing key, else client identity, modulo workers, as DeepRec's "
+                   "MOD), `least-loaded`, or `package.module:callable`")
+    endpoint: str = setting(
+        factory=default_endpoint, shown_default="`tcp://127.0.0.1:8510`",
+        help="where clients connect (a ZeroMQ endpoint; loopback by default)")
+    max_request_bytes: int = setting(
+        64 * 1024 * 1024, shown_default="64 MiB", help="largest request payload accepted; larger ones get 400")
+    max_enqueued: int = setting(
+        1024, help="requests that may wait in the broker for a free worker before new ones get 429")
+    worker_pipeline: int = setting(
+        2, help="requests the broker lets one worker hold at once (1 running + queued); `--enable-batching` raises it")
+    worker_timeout: float = setting(
+        30.0, shown_default="30 s",
+        help="seconds a worker may hold one request before it counts as hung and is killed and restarted")
+    boot_timeout: float = setting(
+        120.0, shown_default="120 s",
+        help="seconds a worker may take to map the model and warm up; one not READY by then fails the start "
+             "(no restart loop)")
+    drain_timeout: float = setting(10.0, shown_default="10 s", help="on stop, seconds in-flight requests may take")
+    heartbeat_interval: float = setting(
+        1.0, shown_default="1 s", help="seconds between heartbeats, from the broker to each worker and back")
+    heartbeat_liveness: int = setting(
+        3, help="heartbeat intervals an idle worker may stay silent before it counts as dead and is restarted")
+    # The process.
+    cache_dir: str = setting(
+        factory=_default_cache_dir, path=True, shown_default="`~/.cache/sgserve`",
+        help="where the built-in demo model is built, once")
+    log_level: str = setting(
+        "warning", choices=LOG_LEVELS,
+        help="`debug` also shows TensorFlow's own start-up messages, hidden otherwise")
+    log_format: str = setting(
+        "text", choices=LOG_FORMATS,
+        help="`text`: one line per record (time, level, role, pid, message); `json`: one JSON object per line "
+             "(time, level, role, pid, logger, message), for log shippers")
+    # Derived at start, not a setting: server.resolve_batching puts BatchingParameters.to_dict() here
+    # (None: batching off), which every WorkerSpec carries; it also raises worker_pipeline.
     batching_parameters: dict[str, Any] | None = None
-    cache_dir: str = dataclasses.field(
-        default_factory=lambda: os.environ.get(
-            "SGSERVE_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "sgserve")))
 
     def resolved_model_name(self) -> str:
         if self.model_name:

@@ -1,16 +1,24 @@
 """Process plumbing shared by every role (broker, worker, zygote, loader): exit codes, dying with the
-parent, child reaping, process names, the environment children run in, and idle priority.
+parent, child reaping, process names, the environment children run in (TensorFlow's start-up
+chatter hidden below --log-level debug), and idle priority.
 
 Nothing here knows about models or requests; broker, worker and models all import it.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
 import os
+import re
 import signal
+import sys
+import tempfile
 from pathlib import Path
+from typing import Iterator
+
+from sgserve.logs import is_debug
 
 # One set of exit codes for every sgserve process. The supervisor does not restart a worker that
 # exits with EXIT_BOOT_ERROR or EXIT_MODEL_ERROR: it would fail the same way again.
@@ -76,16 +84,74 @@ def set_process_name(name: str) -> None:
     _prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]))
 
 
+TF_LOG_ENV = "TF_CPP_MIN_LOG_LEVEL"
+QUIET_TF_LOG_LEVEL = "2"  # errors only: no INFO or WARNING lines from TensorFlow's C++ code
+
+
 def child_env() -> dict[str, str]:
-    """The environment for workers and the loader: ours, with this sgserve importable even when it
-    is not installed."""
+    """The environment for workers, the zygote and the loader: ours (SGSERVE_LOG_LEVEL and
+    SGSERVE_LOG_FORMAT included), with this sgserve importable even when it is not installed, and
+    TensorFlow's C++ logging quiet unless the level is debug (a TF_CPP_MIN_LOG_LEVEL already set wins)."""
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[1])
     old = env.get("PYTHONPATH")
     parts = old.split(os.pathsep) if old else []
     if root not in parts:
         env["PYTHONPATH"] = os.pathsep.join([root] + parts)
+    env.setdefault(TF_LOG_ENV, "0" if is_debug() else QUIET_TF_LOG_LEVEL)
     return env
+
+
+# TensorFlow's C++ log lines (absl format: severity, MMDD, time, thread id, file:line]) and absl's
+# notice that it logs to stderr before absl::InitializeLog().
+_ABSL_LINE = re.compile(rb"^([IWEF])\d{4} [\d:.]+\s+\d+ [^\s\]]+:\d+\] ")
+_ABSL_PREINIT = b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
+
+
+@contextlib.contextmanager
+def tensorflow_import_quiet() -> Iterator[None]:
+    """Wrap ``import tensorflow``: what its C++ code writes to stderr meanwhile is held back and
+    written afterwards without the lines TF_CPP_MIN_LOG_LEVEL would hide.
+
+    TensorFlow 2.16+ logs through absl at import, before absl is initialised: the pre-init notice and
+    "oneDNN custom operations are on" reach stderr whatever TF_CPP_MIN_LOG_LEVEL says (once per
+    shared library that logs, so twice). The level is applied to them here instead; everything
+    else written meanwhile (an error, a traceback) comes through, in order.
+    """
+    try:
+        min_level = int(os.environ.get(TF_LOG_ENV, "0"))
+    except ValueError:
+        min_level = 0
+    if min_level <= 0:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            kept = without_tensorflow_chatter(held.read(), min_level)
+            if kept:
+                os.write(2, kept)
+
+
+def without_tensorflow_chatter(data: bytes, min_level: int) -> bytes:
+    """``data`` without the absl lines below ``min_level`` (TF_CPP_MIN_LOG_LEVEL's scale: 1 hides
+    INFO, 2 WARNING too, 3 ERROR too) and without absl's pre-init notice."""
+    hidden = "IWE"[:min(min_level, 3)].encode()
+    kept = []
+    for line in data.splitlines(keepends=True):
+        m = _ABSL_LINE.match(line)
+        if (m and m.group(1) in hidden) or line.rstrip(b"\r\n") == _ABSL_PREINIT:
+            continue
+        kept.append(line)
+    return b"".join(kept)
 
 
 def lowest_priority() -> None:

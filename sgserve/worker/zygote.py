@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import os
 import signal
 import socket
@@ -41,6 +42,9 @@ import time
 import traceback
 
 from sgserve import process
+from sgserve.logs import setup_logging
+
+log = logging.getLogger("sgserve.zygote")
 
 REPARENT_TIMEOUT = 10.0  # seconds a new worker waits for its middle process to exit
 
@@ -53,7 +57,8 @@ def import_tensorflow():
     registers its optimizers for SavedModel loading. A worker never loads a SavedModel: it imports
     the loader's rewritten graph, whose ops are all TensorFlow's. TensorFlow guards that import
     against ImportError, so ``keras`` is hidden for its duration only; ``tf.keras`` still works
-    later (its lazy loader imports Keras on first use).
+    later (its lazy loader imports Keras on first use). TensorFlow's C++ start-up lines are held
+    back unless the level is debug (sgserve/process.py ``tensorflow_import_quiet``).
     """
     if "tensorflow" in sys.modules:
         return sys.modules["tensorflow"]
@@ -61,7 +66,8 @@ def import_tensorflow():
     if hidden:
         sys.modules["keras"] = None  # type: ignore[assignment]  # import keras -> ImportError
     try:
-        import tensorflow as tf  # noqa: PLC0415
+        with process.tensorflow_import_quiet():
+            import tensorflow as tf  # noqa: PLC0415
     finally:
         if hidden and sys.modules.get("keras", 0) is None:
             del sys.modules["keras"]
@@ -70,9 +76,8 @@ def import_tensorflow():
 
 def preload() -> None:
     """Everything a worker imports, imported once here (no TensorFlow runtime is created)."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    tf = import_tensorflow()  # first: a module below that imports tensorflow itself would bring Keras
-    tf.get_logger().setLevel("ERROR")
+    os.environ.setdefault(process.TF_LOG_ENV, process.QUIET_TF_LOG_LEVEL)  # child_env set it (debug: 0)
+    import_tensorflow()  # first: a module below that imports tensorflow itself would bring Keras
     import msgpack  # noqa: F401, PLC0415
     import numpy  # noqa: F401, PLC0415
     import zmq  # noqa: F401, PLC0415
@@ -206,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     process.die_with_parent()
     if os.getppid() != broker_pid:
         return 0
+    setup_logging("zygote")  # the level and format the broker exported
     process.set_process_name("sgserve-zygote")
     # Ctrl-C reaches the whole process group; the broker stops us by closing the socket.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -220,8 +226,8 @@ def main(argv: list[str] | None = None) -> int:
             sock.sendall(json.dumps({"error": msg}).encode() + b"\n")
         except OSError:
             pass
-        print(f"sgserve zygote: cannot preload the worker: {msg}", file=sys.stderr, flush=True)
-        return 4
+        log.error("cannot preload the worker: %s", msg)
+        return process.EXIT_MODEL_ERROR
     sock.sendall(json.dumps({"ready": os.getpid()}).encode() + b"\n")
     try:
         return serve(sock, broker_pid)
