@@ -1,9 +1,13 @@
 """One error type with a status code, mapped once to the wire and once to client exceptions.
 
 Codes follow TF Serving's HTTP mapping of gRPC status codes, so that people who know TF Serving
-read them the same way.
+read them the same way. ``wire_error`` is the one mapping from an exception to the code and message
+a reply carries (broker and worker both answer through it, via ``protocol.exception_reply``);
+``error_from_code`` is the one mapping back, in the client.
 """
 from __future__ import annotations
+
+from typing import Any, Iterable
 
 OK = 200
 INVALID_ARGUMENT = 400
@@ -74,9 +78,32 @@ _BY_CODE: dict[int, type[ServeError]] = {
 }
 
 
+def wire_error(exc: BaseException, context: str = "") -> tuple[int, str]:
+    """(code, message) that answers a request which raised ``exc``.
+
+    A ServeError carries its own; anything else is a bug on our side: 500, naming the exception so
+    that the client's report leads to it. ``context`` says where ("internal error in the broker: ").
+    """
+    if isinstance(exc, ServeError):
+        return exc.code, exc.message
+    return INTERNAL, f"{context}{type(exc).__name__}: {exc}"
+
+
+def as_serve_error(exc: BaseException, context: str = "") -> ServeError:
+    """``exc`` as the ServeError a request is answered with (see wire_error)."""
+    if isinstance(exc, ServeError):
+        return exc
+    return Internal(wire_error(exc, context)[1])
+
+
 def error_from_code(code: int, message: str) -> ServeError:
     """The typed exception for a status code received on the wire."""
     cls = _BY_CODE.get(code)
     if cls is None:
         return ServeError(message, code)
     return cls(message)
+
+
+def names(items: Iterable[Any]) -> str:
+    """What exists, for an error message: sorted, comma-separated, "(none)" when empty."""
+    return ", ".join(sorted(str(k) for k in items)) or "(none)"

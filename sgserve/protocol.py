@@ -30,7 +30,7 @@ import msgpack
 import numpy as np
 import zmq
 
-from sgserve.errors import INVALID_ARGUMENT, OK, InvalidArgument
+from sgserve.errors import INVALID_ARGUMENT, OK, InvalidArgument, wire_error
 
 MAGIC = b"SGS1"
 PROTOCOL_VERSION = 1
@@ -222,13 +222,21 @@ def unpack_header(frames: Sequence[Any]) -> tuple[dict[str, Any], list[Any]]:
     magic = frame_bytes(frames[0])
     if magic != MAGIC:
         raise InvalidArgument(f"first frame must be {MAGIC!r} (protocol version {PROTOCOL_VERSION}), got {magic[:16]!r}")
+    return decode_header(frames[1]), list(frames[2:])
+
+
+def decode_header(frame: Any) -> dict[str, Any]:
+    """The msgpack map of a header frame; InvalidArgument (400) saying why it cannot be decoded.
+
+    The broker decodes the client's header here, and the worker decodes the same frame again here
+    (it gets the frame, not the broker's dict), so both refuse a bad header in the same words."""
     try:
-        header = _unpackb(frame_bytes(frames[1]), raw=False, strict_map_key=False)
+        header = _unpackb(frame_bytes(frame), raw=False, strict_map_key=False)
     except Exception as exc:  # noqa: BLE001
         raise InvalidArgument(f"header frame is not valid msgpack ({type(exc).__name__})") from None
     if not isinstance(header, dict):
         raise InvalidArgument("header frame must be a msgpack map")
-    return header, list(frames[2:])
+    return header
 
 
 def decode_tensors(metas: Any, payload: Sequence[Any], what: str = "inputs") -> dict[str, np.ndarray]:
@@ -275,14 +283,17 @@ def _decode_numeric(metas: Any, payload: Sequence[Any]) -> dict[str, np.ndarray]
     return out
 
 
-def error_header(request_id: Any, code: int, message: str, **extra: Any) -> dict[str, Any]:
+def error_reply(request_id: Any, code: int, message: str, **extra: Any) -> list[Any]:
+    """MAGIC and the header of an error reply (no payload); ``extra``: the worker's model, version, worker."""
     header = {"id": request_id, "code": code, "message": message}
     header.update(extra)
-    return header
+    return [MAGIC, msgpack.packb(header, use_bin_type=True)]
 
 
-def error_reply(request_id: Any, code: int, message: str, **extra: Any) -> list[Any]:
-    return [MAGIC, msgpack.packb(error_header(request_id, code, message, **extra), use_bin_type=True)]
+def exception_reply(request_id: Any, exc: BaseException, context: str = "", **extra: Any) -> list[Any]:
+    """The error reply to a request that raised ``exc``: errors.wire_error's code and message."""
+    code, message = wire_error(exc, context)
+    return error_reply(request_id, code, message, **extra)
 
 
 def ok_header(request_id: Any, **extra: Any) -> dict[str, Any]:
@@ -377,7 +388,8 @@ def default_endpoint() -> str:
 __all__ = [
     "MAGIC", "PROTOCOL_VERSION", "PREDICT", "METADATA", "STATUS", "SHUTDOWN", "PING", "W_READY",
     "W_REQUEST", "W_REPLY", "W_HEARTBEAT", "W_STOP", "DTYPES", "STRING", "ALL_DTYPES", "pack",
-    "unpack_header", "decode_tensors", "check_tensors", "encode_tensor", "error_reply", "ok_header",
+    "unpack_header", "decode_header", "decode_tensors", "check_tensors", "encode_tensor", "error_reply",
+    "exception_reply", "ok_header",
     "Envelope", "split_envelope", "INVALID_ARGUMENT", "send_frames", "recv_frames", "ROUTE", "route_frame",
     "parse_route", "reply_frame",
 ]

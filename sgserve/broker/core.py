@@ -26,19 +26,17 @@ import math
 import time
 from typing import Any, Callable, Sequence
 
-import msgpack
-
 from sgserve.broker.policies import DispatchPolicy, DispatchRequest
 from sgserve.broker.worker_table import WorkerSlot, WorkerTable
 from sgserve.config import ModelSpec, ServerConfig
 from sgserve.errors import (DEADLINE_EXCEEDED, INTERNAL, UNAVAILABLE, DeadlineExceeded, InvalidArgument, NotFound,
-                            ResourceExhausted, ServeError, Unavailable)
+                            ResourceExhausted, ServeError, Unavailable, names)
 from sgserve.protocol import (DEFAULT_SIGNATURE, MAGIC, PREDICT, REQUEST_TYPES, W_HEARTBEAT, W_REPLY, Envelope,
-                              error_reply, route_frame, split_envelope, unpack_header)
+                              error_reply, exception_reply, ok_header, pack, route_frame, split_envelope,
+                              unpack_header)
 
 log = logging.getLogger(__name__)
 
-_unpackb = msgpack.unpackb
 _REPLY = W_REPLY[0]
 _HEARTBEAT = W_HEARTBEAT[0]
 
@@ -99,16 +97,11 @@ class RoutingCore:
             if rtype == PREDICT:
                 self._predict(envelope, header, msg[1], payload)
             else:
-                fields = self._admin(rtype, header)
-                reply = {"id": request_id, "code": 200, "message": ""}
-                reply.update(fields)
-                self._to_client(envelope.prefix + [MAGIC, msgpack.packb(reply, use_bin_type=True)])
-        except ServeError as exc:
-            self._to_client(envelope.wrap(error_reply(request_id, exc.code, exc.message)))
-        except Exception as exc:  # noqa: BLE001 - answer 500 and keep serving
-            log.exception("unexpected error handling a client request")
-            self._to_client(envelope.wrap(error_reply(
-                request_id, INTERNAL, f"internal error in the broker: {type(exc).__name__}: {exc}")))
+                self._to_client(envelope.wrap(pack(ok_header(request_id, **self._admin(rtype, header)))))
+        except Exception as exc:  # noqa: BLE001 - a ServeError is the answer; anything else, 500 and keep serving
+            if not isinstance(exc, ServeError):
+                log.exception("unexpected error handling a client request")
+            self._to_client(envelope.wrap(exception_reply(request_id, exc, "internal error in the broker: ")))
 
     def _predict(self, envelope: Envelope, header: dict[str, Any], header_frame: Any, payload: list[Any]) -> None:
         spec = self._resolve(header)
@@ -119,7 +112,7 @@ class RoutingCore:
             raise InvalidArgument(f"'signature' must be a string, got {type(signature).__name__}")
         if signature not in spec.signatures:
             raise NotFound(f"model '{spec.name}' version {spec.version} has no signature '{signature}'; "
-                           f"available signatures: {', '.join(sorted(spec.signatures)) or '(none)'}")
+                           f"available signatures: {names(spec.signatures)}")
         output_filter = header.get("output_filter")
         if output_filter is not None and (type(output_filter) is not list
                                           or not all(type(n) is str for n in output_filter)):
@@ -180,6 +173,8 @@ class RoutingCore:
             slots = table.free()
             if not slots:
                 return False
+            if request.died_on is not None:
+                slots = _avoiding(slots, request.died_on)
             try:
                 slot = self.policy.choose(request, slots)
             except Exception as exc:  # noqa: BLE001 - a plugin bug fails one request, not the server
@@ -315,6 +310,13 @@ def _deadline(timeout_ms: Any) -> float | None:
     if math.isinf(timeout_ms):
         return None
     return time.time() + timeout_ms / 1000.0
+
+
+def _avoiding(slots: Sequence[WorkerSlot], index: int) -> Sequence[WorkerSlot]:
+    """The free slots but the one at ``index`` (where a retried request's worker just died), unless
+    it is the only one: a retry goes elsewhere when it can, and never waits for that."""
+    others = tuple(slot for slot in slots if slot.index != index)
+    return others or slots
 
 
 def _peek_id(msg: Sequence[Any]) -> Any:

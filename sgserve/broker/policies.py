@@ -42,7 +42,7 @@ class DispatchRequest:
     received_at: float  # monotonic
     attempt: int = 0
     sent_at: float = 0.0  # monotonic time of the last dispatch to a worker
-    died_on: int | None = None  # index of the worker that died holding it (attempt 1 only)
+    died_on: int | None = None  # index of the worker that died holding it (attempt 1): the retry avoids it
     retry_until: float | None = None  # monotonic bound on waiting for a retry
     header_frame: Any = None  # the client's header frame, forwarded to the worker untouched
 

@@ -7,28 +7,18 @@ sgserve/models/batching_params.py.
   (tensorflow/core/kernels/batching_util/shared_batch_scheduler.h) and BatchingSession
   (tensorflow_serving/batching/batching_session.cc) do it.
 
-How a worker drives it
-----------------------
+How a worker drives it (sgserve/worker/serve_batched.py)
+--------------------------------------------------------
 The I/O thread owns the socket. For each request it decodes the tensors, checks them against the
 signature (so that one bad request cannot fail a batch of good ones), and calls
-``batcher.submit(BatchTask(tag=request_id, key=(model, version, signature, output_filter),
-inputs=arrays, deadline=header.get("deadline")))``. ``submit`` never blocks; a ``ServeError`` it
-raises (400 too large, 429 queue full, 504 already expired, 503 stopping) is answered at once.
-The key must hold everything that changes how a batch is run: TF Serving keys its queues by the
-input *and output* tensor names, so the output filter belongs in it.
-
-Then either
-
-- **batch threads** (what TF Serving does): ``batcher.start(run_model, deliver)`` starts
-  ``num_batch_threads`` threads. Each one waits for a batch that may run (full, timed out, or any
-  batch while stopping), calls ``run_model(batch.key, merged_inputs) -> outputs`` (TensorFlow
-  releases the GIL while it runs) and hands ``deliver`` one ``(tag, outputs | ServeError)`` pair
-  per request, requests that expired in the queue included (as 504). ``deliver`` runs in the batch
-  thread: ZeroMQ sockets are not thread-safe, so it should put the results on a queue and wake the
-  I/O thread (e.g. an inproc PAIR socket in its poller) to send them. ``stop()`` drains and joins.
-- **pull** (a single thread): after draining every frame that is ready, the I/O thread calls
-  ``batcher.ready()`` and runs each batch with ``batch.run(fn)``; ``batcher.next_timeout()`` is
-  the poll timeout that closes the next open batch on time.
+``batcher.submit(BatchTask(tag, key=(model, version, signature, output_filter), inputs=arrays,
+deadline=deadline))``. ``submit`` never blocks; a ``ServeError`` it raises (400 too large, 429 queue
+full, 504 already expired, 503 stopping) is answered at once. The key must hold everything that
+changes how a batch is run: TF Serving keys its queues by the input *and output* tensor names, so
+the output filter belongs in it. ``num_batch_threads`` batch threads each loop on ``next_batch()``,
+which blocks until a batch may run (full, timed out, or any batch while stopping), and answer it
+with ``batch.run(fn)``: one ``(tag, outputs | ServeError)`` pair per request, requests that expired
+in the queue included (as 504). ``stop()`` lets them drain what is queued, or drops it.
 
 A request of more than ``max_batch_size`` rows is refused (400), as TF Serving does. With
 ``enable_large_batch_splitting`` a request of up to ``max_batch_size`` rows that does not fit in the
@@ -68,7 +58,8 @@ from typing import Any, Callable, Hashable, Optional, Union
 import numpy as np
 
 from sgserve.models.batching_params import BatchingParameters
-from sgserve.errors import DeadlineExceeded, Internal, InvalidArgument, ResourceExhausted, ServeError, Unavailable
+from sgserve.errors import (DeadlineExceeded, Internal, InvalidArgument, ResourceExhausted, ServeError, Unavailable,
+                            as_serve_error)
 
 log = logging.getLogger(__name__)
 
@@ -274,11 +265,10 @@ class Batch:
             return results
         try:
             results.extend(self.split(fn(self.merged_inputs())))
-        except ServeError as exc:
-            results.extend(self.fail(exc))
         except Exception as exc:  # noqa: BLE001 - every request must get an answer
-            log.exception("batch of %d request(s) failed", len(self._pieces))
-            results.extend(self.fail(Internal(f"{type(exc).__name__}: {exc}")))
+            if not isinstance(exc, ServeError):
+                log.exception("batch of %d request(s) failed", len(self._pieces))
+            results.extend(self.fail(as_serve_error(exc)))
         return results
 
     def __repr__(self) -> str:
@@ -343,7 +333,6 @@ class Batcher:
         self._queues: dict[Hashable, _Queue] = {}
         self._order: collections.deque[Hashable] = collections.deque()  # round robin over keys
         self._stopping = False
-        self._threads: list[threading.Thread] = []
 
     # -- submitting ---------------------------------------------------------------------------------
 
@@ -463,30 +452,6 @@ class Batcher:
                 best = wait if best is None else min(best, wait)
         return best
 
-    def next_timeout(self, now: Optional[float] = None) -> Optional[float]:
-        """Seconds until a batch may run (0.0: one may run now); None when nothing is enqueued.
-
-        ``now`` is a time.monotonic() value.
-        """
-        with self._cond:
-            return self._next_timeout_locked(time.monotonic() if now is None else now)
-
-    def ready(self, now: Optional[float] = None) -> list[Batch]:
-        """Every batch that may run now (full, timed out, or any while stopping), for a single-threaded driver.
-
-        Requests whose deadline has passed are moved to each batch's ``expired``; a batch may hold
-        only expired requests. ``batch.run(fn)`` answers them all.
-        """
-        now = time.monotonic() if now is None else now
-        batches = []
-        with self._cond:
-            while (batch := self._take_locked(now)) is not None:
-                batches.append(batch)
-        wall = time.time()
-        for batch in batches:
-            batch._drop_expired(wall)
-        return [b for b in batches if b.tasks or b.expired]
-
     def next_batch(self, timeout: Optional[float] = None) -> Optional[Batch]:
         """Blocks until a batch may run and takes it; None after ``timeout`` seconds or once stopped and empty."""
         end = None if timeout is None else time.monotonic() + timeout
@@ -512,32 +477,11 @@ class Batcher:
             return self.next_batch(None if end is None else max(0.0, end - time.monotonic()))
         return batch
 
-    # -- batch threads ------------------------------------------------------------------------------
+    # -- stopping ---------------------------------------------------------------------------------
 
-    def start(self, run_model: Callable[[Hashable, dict[str, np.ndarray]], dict[str, np.ndarray]],
-              deliver: Callable[[list[TaskResult]], None]) -> None:
-        """Starts num_batch_threads threads: each takes a batch, runs ``run_model(batch.key, merged_inputs)``
-        and passes every request's answer to ``deliver`` (called in the batch thread)."""
-        if self._threads:
-            raise RuntimeError("batch threads already started")
-
-        def loop() -> None:
-            while (batch := self.next_batch()) is not None:
-                results = batch.run(lambda merged, key=batch.key: run_model(key, merged))
-                try:
-                    deliver(results)
-                except Exception:  # noqa: BLE001 - keep the thread alive for the next batch
-                    log.exception("delivering the results of %r failed", batch)
-
-        for i in range(self.num_batch_threads):
-            thread = threading.Thread(target=loop, name=f"{self.params.thread_pool_name}_{i}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
-
-    def stop(self, drain: bool = True, timeout: Optional[float] = None) -> list[TaskResult]:
-        """Stops taking requests. With ``drain``, every enqueued batch may run at once (the batch threads
-        run them, or ready() returns them); without, the enqueued requests are returned with 503 to be
-        answered by the caller. Then joins the batch threads (each for at most ``timeout`` seconds)."""
+    def stop(self, drain: bool = True) -> list[TaskResult]:
+        """Stops taking requests. With ``drain``, every enqueued batch may run at once (next_batch
+        hands them out, then returns None); without, the enqueued requests are returned with 503."""
         dropped: list[TaskResult] = []
         with self._cond:
             self._stopping = True
@@ -548,9 +492,6 @@ class Batcher:
                 self._queues.clear()
                 self._order.clear()
             self._cond.notify_all()
-        for thread in self._threads:
-            thread.join(timeout)
-        self._threads = [t for t in self._threads if t.is_alive()]
         return dropped
 
 

@@ -6,233 +6,40 @@ does not restart a worker that exits with either, since it would only fail again
 
 Without batching the serve loop runs each request as it arrives, one at a time. With batching
 (``--enable-batching``) the loop only decodes and checks requests and hands them to a
-``WorkerBatching``; its batch threads run the batches and the loop sends their replies, because
-only the loop's thread may touch the ZeroMQ socket.
+``WorkerBatching`` (serve_batched.py); its batch threads run the batches and the loop sends their
+replies, because only the loop's thread may touch the ZeroMQ socket. Both paths answer through
+replies.py.
 """
 from __future__ import annotations
 
 import collections
 import concurrent.futures
 import gc
-import heapq
-import itertools
 import logging
 import os
 import signal
 import sys
-import threading
 import time
-from typing import Any, Callable, Hashable
+from typing import Any, Callable
 
 import msgpack
 import zmq
 
 from sgserve import process, protocol
 from sgserve.config import WorkerSpec
-from sgserve.errors import DEADLINE_EXCEEDED, INTERNAL, InvalidArgument, NotFound, ServeError
+from sgserve.errors import DeadlineExceeded, InvalidArgument, NotFound
 from sgserve.protocol import recv_frames, send_frames
 from sgserve.process import EXIT_BOOT_ERROR, EXIT_MODEL_ERROR, EXIT_OK
-from sgserve.worker import pinning
+from sgserve.worker import pinning, replies
+from sgserve.worker.serve_batched import WorkerBatching
 
 log = logging.getLogger("sgserve.worker")
 
 LOAD_POLL = 0.02  # seconds between checks for a finished background load
 READ_BURST = 256  # with batching: messages read per wake-up, so that requests that arrived together batch
-STOP_DRAIN = 4.0  # seconds W_STOP waits for the batches still queued (the supervisor SIGTERMs after 5)
 
-_unpackb = msgpack.unpackb
 _ROUTE_SIZE = protocol.ROUTE.size
 _NOBLOCK = int(zmq.NOBLOCK)
-
-# States of a request held for batching. Only the I/O thread answers (ANSWERED); a batch thread
-# marks the requests of a batch it took RUNNING, after which they are never expired early.
-QUEUED, RUNNING, ANSWERED = 0, 1, 2
-
-
-class HeldRequest:
-    """A request in the batching queue: the batch's tag, and what its reply header needs."""
-
-    __slots__ = ("rid", "request_id", "model", "version", "deadline", "state")
-
-    def __init__(self, rid: int, request_id: Any, model: str, version: int, deadline: float | None) -> None:
-        self.rid = rid
-        self.request_id = request_id
-        self.model = model
-        self.version = version
-        self.deadline = deadline
-        self.state = QUEUED
-
-
-class WorkerBatching:
-    """Server-side batching in one worker (sgserve/worker/batching.py), as the serve loop drives it.
-
-    The I/O thread submits each decoded, validated request (``submit``) and sends what ``replies``
-    returns whenever the wake-up pipe (``fileno``) is readable or ``next_wakeup`` seconds have
-    passed. Batch threads take batches, run the signature's TF function on the merged inputs, and
-    queue one reply per request. A request whose deadline passes while it still waits in the queue
-    is answered 504 at once by the I/O thread and never runs (the batcher drops it from its batch).
-    """
-
-    def __init__(self, params: Any, runtimes: dict[tuple[str, int], Any], index: int) -> None:
-        from sgserve.worker.batching import Batcher  # noqa: PLC0415
-
-        self.batcher = Batcher(params)  # num_batch_threads unset: this process's (pinned) cores
-        self.params = params
-        self.served = 0  # requests that ran and were answered 200
-        self._runtimes = runtimes  # the worker's dict: versions loaded or unloaded later are seen
-        self._index = index
-        self._lock = threading.Lock()  # request states
-        self._done: collections.deque[tuple[HeldRequest, list[Any], bool]] = collections.deque()
-        self._deadlines: list[tuple[float, int, HeldRequest]] = []  # heap; answered entries removed lazily
-        self._seq = itertools.count()
-        self._held = 0
-        self._threads: list[threading.Thread] = []
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-
-    @property
-    def fileno(self) -> int:
-        """Readable when batch threads have queued replies."""
-        return self._wake_r
-
-    def start(self) -> None:
-        for i in range(self.batcher.num_batch_threads):
-            thread = threading.Thread(target=self._run_batches, name=f"{self.params.thread_pool_name}_{i}",
-                                      daemon=True)
-            thread.start()
-            self._threads.append(thread)
-        log.info("batching with %d batch thread(s): %s", len(self._threads), self.params)
-
-    # -- the I/O thread ------------------------------------------------------------------------
-    def submit(self, rid: int, version: int, deadline: float | None, header_frame: Any, payload: list[Any],
-               resolve: Any) -> list[Any] | None:
-        """Queues one W_REQUEST; None when queued, else the reply frames (from MAGIC on) to send now."""
-        from sgserve.worker.batching import BatchTask  # noqa: PLC0415
-
-        request_id = header = None
-        try:
-            header = _read_header(header_frame)
-            request_id = header.get("id")
-            if deadline is not None and time.time() > deadline:
-                return protocol.error_reply(request_id, DEADLINE_EXCEEDED,
-                                            "deadline exceeded before the request could run")
-            model, runner = resolve(header, version)
-            output_filter = header.get("output_filter")
-            # Checked here, alone, so that one bad request cannot fail a batch.
-            arrays = runner.validate_wire(header.get("inputs"), payload, output_filter)
-            held = HeldRequest(rid, request_id, model, version, deadline)
-            key: Hashable = (model, version, runner.name, tuple(output_filter or ()))
-            self.batcher.submit(BatchTask(held, key, arrays, deadline))
-        except ServeError as exc:  # 400 (too many rows), 429 (queue full), 504, 503 (stopping), 404
-            return protocol.error_reply(request_id, exc.code, exc.message,
-                                        model=header.get("model") if header is not None else None,
-                                        version=version, worker=self._index)
-        except Exception as exc:  # noqa: BLE001
-            log.exception("request failed")
-            return protocol.error_reply(request_id, INTERNAL, f"{type(exc).__name__}: {exc}", worker=self._index)
-        self._held += 1
-        if deadline is not None:
-            heapq.heappush(self._deadlines, (deadline, next(self._seq), held))
-            if len(self._deadlines) > 2 * self._held + 1024:  # drop the entries of answered requests
-                self._deadlines = [e for e in self._deadlines if e[2].state != ANSWERED]
-                heapq.heapify(self._deadlines)
-        return None
-
-    def replies(self) -> list[list[Any]]:
-        """W_REPLY messages to send now: finished batches, and 504s for requests that expired queued."""
-        try:
-            while os.read(self._wake_r, 4096):
-                pass
-        except BlockingIOError:
-            pass
-        out: list[list[Any]] = []
-        done = self._done
-        while done:
-            held, frames, ok = done.popleft()
-            with self._lock:
-                if held.state == ANSWERED:  # expired in the queue and already answered 504
-                    continue
-                held.state = ANSWERED
-            self._held -= 1
-            self.served += ok
-            out.append(frames)
-        heap = self._deadlines
-        if heap:
-            now = time.time()
-            while heap and (heap[0][2].state != QUEUED or heap[0][0] < now):
-                _, _, held = heapq.heappop(heap)
-                with self._lock:
-                    if held.state != QUEUED:
-                        continue
-                    held.state = ANSWERED
-                self._held -= 1
-                out.append([protocol.reply_frame(held.rid)] + protocol.error_reply(
-                    held.request_id, DEADLINE_EXCEEDED, "deadline exceeded while waiting in the worker's batching "
-                    "queue; the request was not run", model=held.model, version=held.version,
-                    worker=self._index)[1:])
-        return out
-
-    def next_wakeup(self) -> float | None:
-        """Seconds until the next queued request's deadline (call after replies()); None: none pending."""
-        if not self._deadlines:
-            return None
-        return max(0.0, self._deadlines[0][0] - time.time())
-
-    def stop(self, timeout: float = STOP_DRAIN) -> list[list[Any]]:
-        """Runs what is queued (for at most ``timeout`` seconds) and returns the last replies."""
-        self.batcher.stop(drain=True)
-        end = time.monotonic() + timeout
-        for thread in self._threads:
-            thread.join(max(0.0, end - time.monotonic()))
-        return self.replies()
-
-    def close(self) -> None:
-        """Stops taking batches at once (what is left is not run); the batch threads are daemons."""
-        self.batcher.stop(drain=False, timeout=0)
-        if not any(t.is_alive() for t in self._threads):  # else a batch thread may still write to it
-            for fd in (self._wake_r, self._wake_w):
-                os.close(fd)
-
-    # -- batch threads -------------------------------------------------------------------------
-    def _run_batches(self) -> None:
-        while (batch := self.batcher.next_batch()) is not None:
-            with self._lock:
-                for held in batch.tags:
-                    if held.state == QUEUED:
-                        held.state = RUNNING
-            key = batch.key
-            results = batch.run(lambda merged: self._run_model(key, merged))  # never raises
-            rows = batch.padded_size
-            self._done.extend(self._reply(held, result, rows) for held, result in results)
-            try:
-                os.write(self._wake_w, b"\0")
-            except BlockingIOError:  # the pipe is full of wake-ups: the I/O thread is on its way
-                pass
-
-    def _run_model(self, key: Any, merged: dict[str, Any]) -> dict[str, Any]:
-        model, version, signature, output_filter = key
-        rt = self._runtimes.get((model, version))
-        if rt is None:
-            raise NotFound(f"model '{model}' version {version} is not loaded in worker {self._index}")
-        return rt.signatures[signature].execute(merged, list(output_filter) or None)
-
-    def _reply(self, held: HeldRequest, result: Any, rows: int) -> tuple[HeldRequest, list[Any], bool]:
-        """(held, W_REPLY frames, ran ok) for one request's outputs or error."""
-        ok = not isinstance(result, ServeError)
-        if ok:
-            try:
-                frames = protocol.pack(protocol.ok_header(held.request_id, model=held.model, version=held.version,
-                                                          worker=self._index, batch_size=rows),
-                                       result, key="outputs")
-            except Exception as exc:  # noqa: BLE001 - e.g. an output dtype the wire cannot carry: our fault
-                ok = False
-                message = exc.message if isinstance(exc, ServeError) else f"{type(exc).__name__}: {exc}"
-                frames = protocol.error_reply(held.request_id, INTERNAL, f"output cannot be sent: {message}",
-                                              worker=self._index)
-        else:
-            frames = protocol.error_reply(held.request_id, result.code, result.message, model=held.model,
-                                          version=held.version, worker=self._index)
-        return held, [protocol.reply_frame(held.rid)] + frames[1:], ok
-
 
 class WorkerProcess:
     """Built from a WorkerSpec; touches no process state until boot()."""
@@ -266,12 +73,10 @@ class WorkerProcess:
                 log.error("bad batching parameters %s: %s", spec.batching, exc)
                 return EXIT_BOOT_ERROR
         os.environ.update(pinning.thread_env(spec.intra_op_threads, spec.inter_op_threads))
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         try:
             from sgserve.worker.zygote import import_tensorflow  # noqa: PLC0415
 
             tf = import_tensorflow()  # without Keras (see zygote.py); already done in a forked worker
-            tf.get_logger().setLevel("ERROR")
             tf.config.threading.set_intra_op_parallelism_threads(spec.intra_op_threads)
             tf.config.threading.set_inter_op_parallelism_threads(spec.inter_op_threads)
             # TensorFlow's own objects live as long as the process: keep the cyclic collector from
@@ -392,11 +197,16 @@ class WorkerProcess:
 
         self._background(job)
 
-    def resolve(self, header: dict[str, Any], version: int) -> tuple[str, Any]:
-        """(model, SignatureRunner) a request names; NotFound (404) when this worker lacks it."""
+    def resolve(self, header: dict[str, Any], version: int, deadline: float | None) -> tuple[str, Any]:
+        """(model, SignatureRunner) for a request that may run now: DeadlineExceeded (504) once its
+        deadline has passed, NotFound (404) when this worker lacks the version or signature."""
+        if deadline is not None and time.time() > deadline:
+            raise DeadlineExceeded("deadline exceeded before the request could run")
         model = header.get("model")
         rt = self.runtimes.get((model, version))
         if rt is None:
+            if type(model) is not str:  # the broker refuses such a request; be exact anyway
+                raise InvalidArgument(f"request needs 'model', the name of a served model, got {model!r}")
             raise NotFound(f"model '{model}' version {version} is not loaded in worker {self.spec.index}")
         sig = header.get("signature") or protocol.DEFAULT_SIGNATURE
         runner = rt.signatures.get(sig)
@@ -406,30 +216,16 @@ class WorkerProcess:
 
     def handle(self, version: int, deadline: float | None, header_frame: Any, payload: list[Any]) -> list[Any]:
         """The reply (header frame, payload frames) to one W_REQUEST, run now; never raises."""
-        request_id = header = None
-        index = self.spec.index
+        request_id = model = None
         try:
-            header = _read_header(header_frame)
-            request_id = header.get("id")
-            if deadline is not None and time.time() > deadline:
-                return protocol.error_reply(request_id, DEADLINE_EXCEEDED,
-                                            "deadline exceeded before the request could run")[1:]
-            model, runner = self.resolve(header, version)
+            header = protocol.decode_header(header_frame)
+            request_id, model = header.get("id"), header.get("model")
+            model, runner = self.resolve(header, version, deadline)
             outputs = runner.run_wire(header.get("inputs"), payload, header.get("output_filter"))
-            self.served += 1
-            try:
-                return protocol.pack(protocol.ok_header(request_id, model=model, version=version, worker=index),
-                                     outputs, key="outputs")[1:]
-            except ServeError as exc:  # an output dtype the wire cannot carry: our fault, not the request's
-                return protocol.error_reply(request_id, INTERNAL, f"output cannot be sent: {exc.message}",
-                                            worker=index)[1:]
-        except ServeError as exc:
-            model = header.get("model") if header is not None else None
-            return protocol.error_reply(request_id, exc.code, exc.message, model=model, version=version,
-                                        worker=index)[1:]
-        except Exception as exc:  # noqa: BLE001
-            log.exception("request failed")
-            return protocol.error_reply(request_id, INTERNAL, f"{type(exc).__name__}: {exc}", worker=index)[1:]
+        except Exception as exc:  # noqa: BLE001 - every request gets an answer
+            return replies.failed(request_id, exc, model, version, self.spec.index)[1:]
+        self.served += 1
+        return replies.succeeded(request_id, outputs, model, version, self.spec.index)[1:]
 
     def _on_message(self, sock: Any, frames: list[Any]) -> bool:
         """Handles one backend message; True on W_STOP (the worker then exits)."""
@@ -459,11 +255,11 @@ class WorkerProcess:
             return True
         return False
 
-    def serve(self) -> int:
+    def _connect(self) -> tuple[zmq.Socket, zmq.Poller]:
+        """The DEALER to the broker, READY sent on it, and the poller of the serve loop."""
         spec = self.spec
         batching = self.batching
-        ctx = zmq.Context.instance()
-        sock = ctx.socket(zmq.DEALER)
+        sock = zmq.Context.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IDENTITY, f"w{spec.index}-{os.getpid()}".encode())
         if batching is not None:
@@ -476,12 +272,19 @@ class WorkerProcess:
             {"index": spec.index, "pid": os.getpid(), "cores": spec.cores,
              "warmup": [[name, version, rt.warmed] for (name, version), rt in self.runtimes.items()]})])
         log.info("ready on cores %s", spec.cores)
-        interval = spec.heartbeat_interval
-        last_sent = last_heard = time.monotonic()
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         if batching is not None:
             poller.register(batching.fileno, zmq.POLLIN)
+        return sock, poller
+
+    def serve(self) -> int:
+        """The serve loop: requests and lifecycle commands in, replies and heartbeats out, until
+        W_STOP or the broker is gone."""
+        batching = self.batching
+        sock, poller = self._connect()
+        interval = self.spec.heartbeat_interval
+        last_sent = last_heard = time.monotonic()
         try:
             while True:
                 for msg in self._finished_loads():
@@ -489,10 +292,10 @@ class WorkerProcess:
                     last_sent = time.monotonic()
                 wait = LOAD_POLL if self._loads else interval
                 if batching is not None:
-                    replies = batching.replies()
-                    for reply in replies:
+                    done = batching.replies()
+                    for reply in done:
                         send_frames(sock, reply)
-                    if replies:
+                    if done:
                         last_sent = time.monotonic()
                     due = batching.next_wakeup()
                     if due is not None and due < wait:
@@ -535,26 +338,17 @@ def _read_burst(sock: Any) -> list[list[Any]]:
     return messages
 
 
-def _read_header(frame: Any) -> dict[str, Any]:
-    """The client's header from its frame (the broker decoded it once already; be safe anyway)."""
-    try:
-        header = _unpackb(protocol.frame_bytes(frame), raw=False, strict_map_key=False)
-    except Exception as exc:  # noqa: BLE001
-        raise InvalidArgument(f"header frame is not valid msgpack ({type(exc).__name__})") from None
-    if not isinstance(header, dict):
-        raise InvalidArgument("header frame must be a msgpack map")
-    return header
-
-
 def main(argv: list[str] | None = None) -> int:
+    from sgserve.logs import setup_logging  # noqa: PLC0415
+
     argv = sys.argv[1:] if argv is None else argv
     try:
         spec = WorkerSpec.from_json(argv[0])
     except (IndexError, ValueError, TypeError) as exc:
-        print(f"sgserve worker: bad spec: {exc}", file=sys.stderr)
+        setup_logging("worker")
+        log.error("bad spec: %s", exc)
         return EXIT_BOOT_ERROR
-    logging.basicConfig(level=getattr(logging, os.environ.get("SGSERVE_LOG_LEVEL", "WARNING").upper(), logging.WARNING),
-                        format=f"%(asctime)s [worker {spec.index} pid {os.getpid()}] %(levelname)s %(message)s")
+    setup_logging(f"worker {spec.index}")  # the level and format the broker exported
     worker = WorkerProcess(spec)
     code = worker.boot()
     if code != EXIT_OK:

@@ -74,6 +74,50 @@ def values(rows, cols, start, dtype=np.float32):
     return (np.arange(rows * cols, dtype=dtype).reshape(rows, cols) + start).astype(dtype)
 
 
+def ready(batcher: Batcher, now: float | None = None) -> list[Batch]:
+    """Every batch that may run at monotonic time ``now`` (full, timed out, or any while stopping),
+    taken as a batch thread's next_batch() would take them, for tests that drive one step at a time."""
+    now = time.monotonic() if now is None else now
+    batches = []
+    with batcher._cond:
+        while (batch := batcher._take_locked(now)) is not None:
+            batches.append(batch)
+    wall = time.time()
+    for batch in batches:
+        batch._drop_expired(wall)
+    return [b for b in batches if b.tasks or b.expired]
+
+
+def next_timeout(batcher: Batcher, now: float | None = None) -> float | None:
+    """Seconds until a batch may run at monotonic time ``now`` (0.0: one may now); None: nothing queued."""
+    with batcher._cond:
+        return batcher._next_timeout_locked(time.monotonic() if now is None else now)
+
+
+class BatchThreads:
+    """``count`` threads that do what a worker's batch threads do (serve_batched.py): take a batch,
+    run it, hand every request's answer to ``deliver``."""
+
+    def __init__(self, batcher: Batcher, run_model, deliver, count: int | None = None) -> None:
+        self.batcher = batcher
+        self.threads = [threading.Thread(target=self._loop, args=(run_model, deliver), daemon=True)
+                        for _ in range(count or batcher.num_batch_threads)]
+        for thread in self.threads:
+            thread.start()
+
+    def _loop(self, run_model, deliver) -> None:
+        while (batch := self.batcher.next_batch()) is not None:
+            deliver(batch.run(lambda merged, key=batch.key: run_model(key, merged)))
+
+    def stop(self, drain: bool = True, timeout: float = 10.0):
+        """batcher.stop(drain), then the threads are joined; returns what stop() dropped."""
+        dropped = self.batcher.stop(drain=drain)
+        for thread in self.threads:
+            thread.join(timeout)
+        assert not any(t.is_alive() for t in self.threads), "a batch thread did not finish"
+        return dropped
+
+
 def results_by_tag(results):
     out = {}
     for tag, result in results:
@@ -92,8 +136,8 @@ def test_merge_and_split_round_trip_with_allowed_batch_sizes_and_strings():
     b = {"x": np.array([[5, 6]], np.int64), "s": np.array([b"b0"], dtype=object)}
     batcher.submit(BatchTask("a", KEY, a))
     batcher.submit(BatchTask("b", KEY, b))
-    assert batcher.ready() == []  # neither full nor timed out
-    [batch] = batcher.ready(now=FAR)
+    assert ready(batcher) == []  # neither full nor timed out
+    [batch] = ready(batcher, now=FAR)
     assert batch.tags == ["a", "b"] and batch.size == 3 and batch.padded_size == 4
     merged = batch.merged_inputs()
     # Padding to the allowed size 4 repeats the first row of the last request (batching_session.cc).
@@ -115,7 +159,7 @@ def test_strings_run_through_a_real_tf_function(tf):
     batcher = Batcher(BatchingParameters(max_batch_size=4, allowed_batch_sizes=(4,)))
     batcher.submit(BatchTask(1, KEY, {"name": np.array([b"ann", b"bob"], dtype=object)}))
     batcher.submit(BatchTask(2, KEY, {"name": np.array(["cy"])}))  # a numpy str array is taken as bytes
-    [batch] = batcher.ready(now=FAR)
+    [batch] = ready(batcher, now=FAR)
     got = results_by_tag(batch.run(lambda inputs: run_tf(tf, greet, inputs)))
     assert got[1]["greeting"].tolist() == [b"hi ann", b"hi bob"]
     assert got[2]["greeting"].tolist() == [b"hi cy"]
@@ -129,7 +173,7 @@ def test_different_shapes_and_dtypes_are_never_mixed(tf, affine):
     }
     for tag, x in tasks.items():
         batcher.submit(BatchTask(tag, KEY, {"x": x}))
-    batches = batcher.ready(now=FAR)
+    batches = ready(batcher, now=FAR)
     layouts = sorted(sorted(b.tags) for b in batches)
     assert layouts == [["a3", "c3"], ["b4", "d4"], ["e3f64"], ["f2d"]]
     got = {}
@@ -148,7 +192,7 @@ def test_different_keys_and_input_names_are_separate_queues():
     batcher.submit(BatchTask(2, ("m", 2, "a", ()), {"x": values(1, 2, 0)}))
     batcher.submit(BatchTask(3, ("m", 1, "a", ()), {"z": values(1, 2, 0)}))
     batcher.submit(BatchTask(4, ("m", 1, "a", ()), {"x": values(1, 2, 0)}))
-    assert sorted(b.tags for b in batcher.ready(now=FAR)) == [[1, 4], [2], [3]]
+    assert sorted(b.tags for b in ready(batcher, now=FAR)) == [[1, 4], [2], [3]]
 
 
 def test_variable_length_inputs_are_padded_with_each_requests_first_element(tf, affine):
@@ -161,7 +205,7 @@ def test_variable_length_inputs_are_padded_with_each_requests_first_element(tf, 
                                                                           dtype=object)}
     batcher.submit(BatchTask("short", KEY, {"x": short, "w": words["short"]}))
     batcher.submit(BatchTask("long", KEY, {"x": long, "w": words["long"]}))
-    [batch] = batcher.ready(now=FAR)
+    [batch] = ready(batcher, now=FAR)
     merged = batch.merged_inputs()
     # padding_util semantics: pad at the end of each non-batch dim with the tensor's own first element,
     # then pad the batch to 4 with the first row of the last request.
@@ -177,7 +221,7 @@ def test_without_padding_variable_lengths_get_separate_batches():
     batcher = Batcher(BatchingParameters(max_batch_size=4, batch_timeout_micros=10**9))
     batcher.submit(BatchTask(1, KEY, {"x": np.zeros((1, 2), np.int32)}))
     batcher.submit(BatchTask(2, KEY, {"x": np.zeros((1, 4), np.int32)}))
-    assert sorted(b.tags for b in batcher.ready(now=FAR)) == [[1], [2]]
+    assert sorted(b.tags for b in ready(batcher, now=FAR)) == [[1], [2]]
 
 
 def test_zero_size_inputs_are_not_padded_together_with_others():
@@ -186,25 +230,25 @@ def test_zero_size_inputs_are_not_padded_together_with_others():
     batcher.submit(BatchTask("empty", KEY, {"x": np.zeros((1, 0), np.int32)}))
     batcher.submit(BatchTask("full", KEY, {"x": np.ones((1, 3), np.int32)}))
     batcher.submit(BatchTask("other", KEY, {"x": np.ones((2, 5), np.int32)}))
-    assert sorted(b.tags for b in batcher.ready(now=FAR)) == [["empty"], ["full", "other"]]
+    assert sorted(b.tags for b in ready(batcher, now=FAR)) == [["empty"], ["full", "other"]]
 
 
 def test_a_request_that_would_overflow_starts_a_new_batch():
     batcher = Batcher(BatchingParameters(max_batch_size=4, batch_timeout_micros=10**9))
     for tag, rows in (("a", 2), ("b", 1), ("c", 2), ("d", 2)):
         batcher.submit(BatchTask(tag, KEY, {"x": values(rows, 1, 0)}))
-    batches = batcher.ready(now=FAR)
+    batches = ready(batcher, now=FAR)
     assert [b.tags for b in batches] == [["a", "b"], ["c", "d"]] and [b.size for b in batches] == [3, 4]
 
 
 def test_a_full_batch_runs_without_waiting_for_the_timeout():
     batcher = Batcher(BatchingParameters(max_batch_size=3, batch_timeout_micros=10**9))
     batcher.submit(BatchTask("a", KEY, {"x": values(2, 1, 0)}))
-    assert batcher.ready() == []
+    assert ready(batcher) == []
     batcher.submit(BatchTask("b", KEY, {"x": values(1, 1, 0)}))
-    assert batcher.next_timeout() == 0.0
-    assert [b.tags for b in batcher.ready()] == [["a", "b"]]
-    assert batcher.next_timeout() is None
+    assert next_timeout(batcher) == 0.0
+    assert [b.tags for b in ready(batcher)] == [["a", "b"]]
+    assert next_timeout(batcher) is None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -224,7 +268,7 @@ def test_queue_full_is_an_immediate_429():
     # Other keys have their own queue.
     batcher.submit(BatchTask(5, ("other", 1, "serving_default", ()), {"x": values(1, 1, 5)}))
     # Once a batch is taken to run, there is room again.
-    assert len(batcher.ready(now=0.0)) == 2  # the full batches of KEY; the other key's has not timed out
+    assert len(ready(batcher, now=0.0)) == 2  # the full batches of KEY; the other key's has not timed out
     batcher.submit(BatchTask(4, KEY, {"x": values(1, 1, 4)}))
 
 
@@ -260,10 +304,10 @@ def test_timeout_closes_a_batch():
     before = time.monotonic()
     batcher.submit(BatchTask("a", KEY, {"x": values(1, 1, 0)}))
     after = time.monotonic()
-    assert batcher.ready(now=after) == []
-    wait = batcher.next_timeout(now=after)
+    assert ready(batcher, now=after) == []
+    wait = next_timeout(batcher, now=after)
     assert wait is not None and 0.05 - (after - before) <= wait <= 0.05
-    assert [b.tags for b in batcher.ready(now=after + 0.05)] == [["a"]]
+    assert [b.tags for b in ready(batcher, now=after + 0.05)] == [["a"]]
     # And with the real clock: a thread blocked in next_batch gets it once the timeout passed.
     batcher.submit(BatchTask("b", KEY, {"x": values(1, 1, 0)}))
     batch = batcher.next_batch(timeout=10)
@@ -277,7 +321,7 @@ def test_expired_requests_are_dropped_and_answered_504(tf, affine):
     batcher.submit(BatchTask("soon", KEY, {"x": values(1, 2, 0)}, deadline=time.time() + 0.05))
     batcher.submit(BatchTask("fine", KEY, {"x": values(2, 2, 10)}, deadline=time.time() + 3600))
     time.sleep(0.1)
-    [batch] = batcher.ready(now=FAR)
+    [batch] = ready(batcher, now=FAR)
     assert batch.expired == ["soon"] and batch.tags == ["fine"] and batch.size == 2
     seen = []
 
@@ -295,7 +339,7 @@ def test_a_batch_of_only_expired_requests_runs_nothing():
     batcher = Batcher(BatchingParameters(max_batch_size=8, batch_timeout_micros=10**9))
     batcher.submit(BatchTask("soon", KEY, {"x": values(1, 2, 0)}, deadline=time.time() + 0.02))
     time.sleep(0.05)
-    [batch] = batcher.ready(now=FAR)
+    [batch] = ready(batcher, now=FAR)
 
     def never(inputs):
         raise AssertionError("must not run")
@@ -312,7 +356,7 @@ def test_outputs_without_the_batch_dimension_fail_the_batch(outputs, message):
     batcher = Batcher(BatchingParameters(max_batch_size=4, allowed_batch_sizes=(4,)))
     batcher.submit(BatchTask(1, KEY, {"x": values(1, 1, 0)}))
     batcher.submit(BatchTask(2, KEY, {"x": values(2, 1, 0)}))
-    [batch] = batcher.ready(now=FAR)
+    [batch] = ready(batcher, now=FAR)
     with pytest.raises(ServeError, match=message):
         batch.split(outputs)
     results = batch.run(lambda inputs: outputs)
@@ -325,7 +369,7 @@ def test_a_model_error_answers_every_request_in_the_batch():
     batcher = Batcher(BatchingParameters(max_batch_size=4))
     batcher.submit(BatchTask(1, KEY, {"x": values(1, 1, 0)}))
     batcher.submit(BatchTask(2, KEY, {"x": values(1, 1, 0)}))
-    [batch] = batcher.ready(now=FAR)
+    [batch] = ready(batcher, now=FAR)
 
     def broken(inputs):
         raise InvalidArgument("input 'x': expected dtype int64")
@@ -345,7 +389,7 @@ def test_large_requests_are_split_over_batches_and_joined_back(tf, affine):
     big = values(5, 3, 100)
     batcher.submit(BatchTask("small", KEY, {"x": small}))
     batcher.submit(BatchTask("big", KEY, {"x": big}))  # fills the open batch, then 2 + 2 rows
-    batches = batcher.ready(now=FAR)
+    batches = ready(batcher, now=FAR)
     assert [b.size for b in batches] == [2, 2, 2] and [b.tags for b in batches][0] == ["small", "big"]
     got = {}
     for i, batch in enumerate(batches):
@@ -361,7 +405,7 @@ def test_a_failed_piece_answers_a_split_request_once():
     params = BatchingParameters(max_batch_size=4, enable_large_batch_splitting=True, max_execution_batch_size=2)
     batcher = Batcher(params)
     batcher.submit(BatchTask("big", KEY, {"x": values(4, 1, 0)}))
-    first, second = batcher.ready(now=FAR)
+    first, second = ready(batcher, now=FAR)
     assert [(t, r.code) for t, r in first.run(lambda inputs: 1 / 0)] == [("big", 500)]
     assert second.run(lambda inputs: {"y": inputs["x"]}) == []
 
@@ -373,7 +417,7 @@ def test_splitting_respects_the_queue_bound():
     with pytest.raises(ResourceExhausted):
         batcher.submit(BatchTask("too big for 3 batches", KEY, {"x": values(7, 1, 0)}))
     batcher.submit(BatchTask("fits", KEY, {"x": values(6, 1, 0)}))
-    assert [b.size for b in batcher.ready(now=FAR)] == [2, 2, 2]
+    assert [b.size for b in ready(batcher, now=FAR)] == [2, 2, 2]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -411,13 +455,13 @@ def test_batch_threads_run_many_requests_correctly(tf, affine):
         sizes.append(inputs["x"].shape[0])
         return run_tf(tf, affine, inputs)
 
-    batcher.start(run_model, collector.deliver)
+    threads = BatchThreads(batcher, run_model, collector.deliver)
     try:
         for tag, x in tasks.items():
             batcher.submit(BatchTask(tag, KEY, {"x": x}))
         assert collector.done.wait(15)
     finally:
-        batcher.stop()
+        threads.stop()
     assert set(sizes) <= {2, 4, 8}
     for tag, x in tasks.items():
         alone = run_tf(tf, affine, {"x": x})
@@ -439,7 +483,7 @@ def test_requests_that_arrive_while_threads_are_busy_are_batched_together():
         assert release.wait(10)
         return {"y": inputs["x"] + 1}
 
-    batcher.start(run_model, collector.deliver)
+    threads = BatchThreads(batcher, run_model, collector.deliver)
     try:
         batcher.submit(BatchTask(0, KEY, {"x": values(1, 1, 0)}))
         assert running.wait(10)
@@ -448,7 +492,7 @@ def test_requests_that_arrive_while_threads_are_busy_are_batched_together():
         release.set()
         assert collector.done.wait(10)
     finally:
-        batcher.stop()
+        threads.stop()
     assert batch_sizes == [1, 3]
     assert {t: r["y"].tolist() for t, r in collector.results.items()} == {0: [[1]], 1: [[11]], 2: [[21]], 3: [[31]]}
 
@@ -465,8 +509,8 @@ def test_stop_drains_or_answers_503():
     draining = Batcher(BatchingParameters(max_batch_size=8, batch_timeout_micros=10**9, num_batch_threads=2))
     draining.submit(BatchTask(1, KEY, {"x": values(1, 1, 0)}))
     collector = Collector(1)
-    draining.start(lambda key, inputs: {"y": inputs["x"]}, collector.deliver)
-    assert draining.stop(drain=True, timeout=10) == []  # the open batch runs at once on stop
+    threads = BatchThreads(draining, lambda key, inputs: {"y": inputs["x"]}, collector.deliver)
+    assert threads.stop(drain=True, timeout=10) == []  # the open batch runs at once on stop
     assert collector.done.is_set() and draining.next_batch(timeout=0) is None
 
 
@@ -474,5 +518,5 @@ def test_batch_repr_and_tasks():
     batcher = Batcher(BatchingParameters(max_batch_size=4))
     task = BatchTask("t", KEY, {"x": values(1, 1, 0)})
     batcher.submit(task)
-    [batch] = batcher.ready(now=FAR)
+    [batch] = ready(batcher, now=FAR)
     assert isinstance(batch, Batch) and batch.tasks == [task] and "rows=1" in repr(batch)
