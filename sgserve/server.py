@@ -7,28 +7,24 @@ exit path; what a killed server left behind is removed by the next start.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import signal
-import subprocess
-import sys
 import shutil
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 from sgserve.models import shared_segment
 from sgserve.models.manager import ModelManager
+from sgserve.models.versions import AVAILABILITY_PRESERVING, RESOURCE_PRESERVING
 from sgserve.config import ModelSpec, ServerConfig
 from sgserve.errors import NotFound
+from sgserve.logs import announce
 from sgserve.models.loader import find_versions
+from sgserve.models.loader_service import LoaderDied, LoaderService
 from sgserve.models.tfs_config import (ModelConfig, ModelConfigError, parse_model_server_config, parse_version_policy,
                                 read_model_server_config)
 
 log = logging.getLogger(__name__)
-
-# Most requests the broker lets one batching worker hold: enough to fill its queued and running
-# batches, bounded so that a flood waits in the broker's queue (--max-enqueued, 429 beyond it).
-MAX_BATCHING_PIPELINE = 4096
 
 
 class ConfigError(Exception):
@@ -78,7 +74,7 @@ def resolve_batching(config: ServerConfig) -> ServerConfig:
     threads = params.num_batch_threads or config.cpus_per_worker
     pipeline = params.batch_size_limit * (params.max_enqueued_batches + threads)
     return dataclasses.replace(config, batching_parameters=params.to_dict(),
-                               worker_pipeline=max(config.worker_pipeline, min(MAX_BATCHING_PIPELINE, pipeline)))
+                               worker_pipeline=max(config.worker_pipeline, min(config.max_batching_pipeline, pipeline)))
 
 
 def model_configs(config: ServerConfig) -> tuple[list[ModelConfig], str | None]:
@@ -97,16 +93,15 @@ def model_configs(config: ServerConfig) -> tuple[list[ModelConfig], str | None]:
     return [ModelConfig(name=config.resolved_model_name(), base_path=base, version_policy=policy)], None
 
 
-def load_initial(config: ServerConfig, models: list[ModelConfig], sid: str) -> list[ModelSpec]:
+def load_initial(config: ServerConfig, models: list[ModelConfig], loader: LoaderService) -> list[ModelSpec]:
     """Loads what each model's policy wants before serving starts (a failure here stops the start).
 
     Versions after the first of a model share their unchanged tensors with the one before.
     """
     specs: list[ModelSpec] = []
     for mc in models:
-        demo = not config.model_base_path and not config.model_config_file
-        if demo:
-            specs.append(load_model(config, sid, mc.name, None, demo=True))
+        if not config.model_base_path and not config.model_config_file:
+            specs.append(load_model(loader, mc.name, {"name": mc.name, "demo_cache_dir": config.cache_dir}))
             continue
         try:
             on_disk = find_versions(mc.base_path)
@@ -123,45 +118,38 @@ def load_initial(config: ServerConfig, models: list[ModelConfig], sid: str) -> l
                 f"(expected {mc.base_path}/<integer version>/saved_model.pb)")
         previous = None
         for v in wanted:
-            spec = load_model(config, sid, mc.name, mc.base_path, version=v,
-                              base_segment=previous.segment if previous and config.incremental_updates else None)
-            specs.append(spec)
-            previous = spec
+            base = previous.segment if previous is not None and config.incremental_updates else None
+            previous = load_model(loader, mc.name, {"name": mc.name, "base_path": mc.base_path, "version": v,
+                                                    "base_segment": base})
+            specs.append(previous)
+    for spec in specs:
+        log.info("loaded model '%s' version %d: %.1f MiB of variables in %s (%.2f s)",
+                 spec.name, spec.version, spec.segment_bytes / 2**20, spec.segment, spec.load_seconds)
     return specs
 
 
-def load_model(config: ServerConfig, sid: str, name: str, base_path: str | None, *, version: int | None = None,
-               base_segment: str | None = None, demo: bool = False) -> ModelSpec:
-    """Runs the loader process; returns the loaded version's spec or raises ConfigError."""
-    cmd = [sys.executable, "-m", "sgserve.models.loader", "--name", name, "--server-id", sid]
-    if demo:
-        cmd += ["--demo-cache-dir", config.cache_dir]
-    else:
-        cmd += ["--base-path", base_path]
-    if version is not None:
-        cmd += ["--version", str(version)]
-    if base_segment:
-        cmd += ["--base-segment", base_segment]
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+def load_model(loader: LoaderService, name: str, job: dict[str, Any]) -> ModelSpec:
+    """One version through the loader service; its spec, or ConfigError quoting the cause."""
     try:
-        out, err = "", []
-        assert proc.stderr is not None and proc.stdout is not None
-        for line in proc.stderr:  # progress lines pass through; TF noise is dropped
-            if line.startswith("[sgserve]") or line.startswith("sgserve:"):
-                sys.stderr.write(line)
-                sys.stderr.flush()
-            err.append(line)
-        out = proc.stdout.read()
-        rc = proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    if rc != 0:
-        msg = next((ln.strip() for ln in reversed(err) if ln.startswith("sgserve:")), None)
-        raise ConfigError(msg or f"loader exited with code {rc}: {''.join(err[-5:]).strip()}")
-    return ModelSpec.from_dict(json.loads(out.strip().splitlines()[-1]))
+        answer = loader.load(job)
+    except LoaderDied as exc:
+        raise ConfigError(f"cannot load model '{name}': {exc}") from None
+    except ValueError as exc:  # not JSON: a bug in the loader
+        raise ConfigError(f"cannot load model '{name}': unreadable loader answer: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot load model '{name}': cannot start the loader: {exc}") from None
+    if not answer.get("ok"):
+        raise ConfigError(f"cannot load model '{name}': {answer.get('error')}")
+    return ModelSpec.from_dict(answer["spec"])
+
+
+def spare_cores(cores: Sequence[Sequence[int]]) -> list[int]:
+    """Cores no worker is pinned to: updates load there when the machine has any."""
+    try:
+        allowed = set(os.sched_getaffinity(0))
+    except AttributeError:
+        return []
+    return sorted(allowed - {c for worker in cores for c in worker})
 
 
 def remove_own_segments(sid: str) -> None:
@@ -187,8 +175,8 @@ def run(config: ServerConfig, *, worker_command: list[str] | None = None,
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     policy = load_policy(config.policy)
-    if config.version_transition not in ("availability-preserving", "resource-preserving"):
-        raise ConfigError(f"--version-transition must be availability-preserving or resource-preserving, "
+    if config.version_transition not in (AVAILABILITY_PRESERVING, RESOURCE_PRESERVING):
+        raise ConfigError(f"--version-transition must be {AVAILABILITY_PRESERVING} or {RESOURCE_PRESERVING}, "
                           f"got {config.version_transition!r}")
     models, config_text = model_configs(config)
     check_endpoint_free(config.endpoint)
@@ -205,39 +193,38 @@ def run(config: ServerConfig, *, worker_command: list[str] | None = None,
             raise KeyboardInterrupt
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    loader = LoaderService(sid)  # loads the first versions now, and every update later
+    manager = None
     try:
-        specs = load_initial(config, models, sid)
-        for spec in specs:
-            log.info("loaded model '%s' version %d: %.1f MiB of variables in %s (%.2f s)",
-                     spec.name, spec.version, spec.segment_bytes / 2**20, spec.segment, spec.load_seconds)
-
-        def make_manager(table) -> ModelManager:
-            manager = ModelManager(config, table, server_id=sid, models=models, initial=specs,
-                                   config_text=config_text)
-            try:
-                manager.check_labels(models)
-            except ModelConfigError as exc:
-                raise ConfigError(str(exc)) from None
-            return manager
+        specs = load_initial(config, models, loader)
+        manager = ModelManager(config, server_id=sid, models=models, initial=specs, config_text=config_text,
+                               loader=loader, loader_cores=spare_cores(cores))
+        try:
+            manager.check_labels(models)
+        except ModelConfigError as exc:
+            raise ConfigError(str(exc)) from None
 
         def ready() -> None:
             served = ", ".join(f"'{s.name}' version {s.version}" for s in specs) or "no models"
             mib = sum(s.own_bytes if s.own_bytes >= 0 else s.segment_bytes for s in specs) / 2**20
-            print(f"sgserve: serving {served} ({mib:.1f} MiB shared) with {config.workers} worker(s) x "
-                  f"{config.cpus_per_worker} core(s) on {config.endpoint}", file=sys.stderr, flush=True)
+            announce("serving %s (%.1f MiB shared) with %d worker(s) x %d core(s) on %s", served, mib,
+                     config.workers, config.cpus_per_worker, config.endpoint)
             if on_ready:
                 on_ready()
 
-        broker = Broker(config, make_manager, server_id=sid, backend_endpoint=f"ipc://{runtime_dir}/backend",
+        broker = Broker(config, manager, server_id=sid, backend_endpoint=f"ipc://{runtime_dir}/backend",
                         worker_command=worker_command, on_ready=ready, cores=cores, policy=policy)
         rc = broker.run()
         if rc != 0 and getattr(broker, "fatal_error", None):
-            print(f"sgserve: {broker.fatal_error}", file=sys.stderr, flush=True)
+            log.error("%s", broker.fatal_error)
         return rc
     except KeyboardInterrupt:
         return 130
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+        if manager is not None:
+            manager.close()  # the broker closed it already when it ran; closing twice is harmless
+        loader.close()
         remove_own_segments(sid)
         shutil.rmtree(runtime_dir, ignore_errors=True)

@@ -26,9 +26,10 @@ import zmq
 from sgserve.broker.core import RoutingCore
 from sgserve.models.manager import ModelManager
 from sgserve.broker.policies import DispatchPolicy, load_policy
+from sgserve.broker.rollout import Rollout
 from sgserve.broker.supervisor import STOP_GRACE, Fatal, Supervisor, assign_cores
 from sgserve.broker.worker_table import WorkerSlot, WorkerState, WorkerTable
-from sgserve.config import ModelSpec, ServerConfig
+from sgserve.config import ServerConfig
 from sgserve.protocol import (METADATA, PIN, PING, SHUTDOWN, STATUS, UNPIN, W_HEARTBEAT, W_LOADED, W_READY, W_STOP,
                               W_UNLOADED, recv_frames, send_frames)
 
@@ -52,26 +53,19 @@ class Broker:
     is spawned. ``run()`` blocks until a stop and always leaves no worker process behind.
     """
 
-    def __init__(self, config: ServerConfig, models: list[ModelSpec] | Callable[[WorkerTable], ModelManager], *,
+    def __init__(self, config: ServerConfig, manager: ModelManager, *,
                  server_id: str, backend_endpoint: str, worker_command: list[str] | None = None,
                  on_ready: Callable[[], None] | None = None,
                  cores: Sequence[Sequence[int]] | None = None,
                  policy: DispatchPolicy | None = None) -> None:
-        """``models``: fixed versions to serve (nothing watched), or a factory of the ModelManager
-        that owns the model lifecycle (the server's way)."""
-        if not callable(models) and not models:
-            raise ValueError("the broker needs at least one model version to serve")
+        """``manager`` owns the model versions; the broker closes it when ``run()`` returns."""
         self.config = config
         self.server_id = server_id
         self.on_ready = on_ready
         self.fatal_error: str | None = None
         self.policy: DispatchPolicy = policy if policy is not None else load_policy(config.policy)
         self.table = WorkerTable(config.workers, config.worker_pipeline)
-        if callable(models):
-            self.manager = models(self.table)
-        else:
-            self.manager = ModelManager(config, self.table, server_id=server_id, initial=models)
-        self.manager.send = self._send_worker
+        self.manager = manager
         if cores is None:
             cores = assign_cores(config.workers, config.cpus_per_worker,
                                  allow_oversubscribe=config.allow_oversubscribe)
@@ -96,14 +90,14 @@ class Broker:
             raise
         self.endpoint: str = self.frontend.getsockopt_string(zmq.LAST_ENDPOINT)
         self.backend_endpoint: str = self.backend.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.supervisor = Supervisor(config, self.manager.specs_for_spawn, self.table,
-                                     backend_endpoint=self.backend_endpoint,
-                                     server_id=server_id, command=worker_command)
-
         self.core = RoutingCore(config, self.table, self.policy, resolve=self.manager.resolve,
                                 to_client=self._send_client, to_worker=self._send_worker, admin=self._admin,
                                 on_control=self._on_control, on_lost=self._on_lost)
-        self.manager.requests_for = self.core.requests_for
+        self.rollout = Rollout(config, self.table, self.manager, send=self._send_worker,
+                               requests_for=self.core.requests_for)
+        self.supervisor = Supervisor(config, self.rollout.specs_for_spawn, self.table,
+                                     backend_endpoint=self.backend_endpoint,
+                                     server_id=server_id, command=worker_command)
         self._stop_requested = False
         self._stopping = False
         self._drain_until = math.inf
@@ -187,7 +181,7 @@ class Broker:
                 self._send_heartbeats(now)
                 self._supervise(now)
                 if not self._stopping:
-                    self.manager.tick(now)
+                    self.rollout.tick(now)
                 next_tick = now + self._tick
 
     def _read(self, sock: zmq.Socket, handle: Callable[[list[zmq.Frame]], None]) -> None:
@@ -233,8 +227,8 @@ class Broker:
             "workers": [{"index": s.index, "pid": s.pid, "cores": s.cores, "state": s.state.value,
                          "inflight": len(s.inflight), "served": s.served, "restarts": s.restarts}
                         for s in self.table],
-            "models": self.manager.flat_status(),
-            "model_status": self.manager.status(),
+            "models": self.manager.flat_status(self.rollout.holders),
+            "model_status": self.manager.status(self.rollout.holders),
             "config_error": self.manager.config_error,
             "loader": self.manager.loader_status(),
             "queued": len(self.core.queue),
@@ -255,9 +249,9 @@ class Broker:
                 log.warning("dropping a malformed command %r from %r", command, identity)
                 return
             if command == _LOADED:
-                self.manager.on_loaded(slot, info)
+                self.rollout.on_loaded(slot, info)
             else:
-                self.manager.on_unloaded(slot, info)
+                self.rollout.on_unloaded(slot, info)
             if self.core.queue and self.table.free():
                 self.core.pump()
         else:
@@ -265,7 +259,7 @@ class Broker:
 
     def _on_lost(self, slot: WorkerSlot, why: str) -> None:
         """The core took a worker out of service (and failed over its requests): kill the process."""
-        self.manager.on_worker_gone(slot)
+        self.rollout.on_worker_gone(slot)
         self.supervisor.kill(slot)
 
     def _on_worker_ready(self, identity: bytes, rest: list[zmq.Frame], now: float) -> None:
@@ -284,13 +278,12 @@ class Broker:
             self._send_worker(identity, [W_STOP])
             return
         self.table.mark_ready(slot, identity, pid, now)
-        self.manager.on_worker_ready(slot, info)
+        self.rollout.on_worker_ready(slot, info)
         log.info("worker %d (pid %d) READY on cores %s after %.2f s", index, pid, info.get("cores", slot.cores),
                  now - slot.started_at)
         if not self._announced_ready and self.table.all_ready():
             self._announced_ready = True
             log.info("all %d workers READY; serving on %s", self.table.size, self.endpoint)
-            self.manager.prestart_loader()  # now that workers no longer compete for cores to boot
             if self.on_ready is not None:
                 try:
                     self.on_ready()
@@ -330,7 +323,7 @@ class Broker:
             failure = self.supervisor.on_exit(slot, rc, now)  # logs it; restarts unless stopping
             if slot.state is not WorkerState.DEAD:
                 self.core.fail_over(self.table.mark_dead(slot), slot.index)
-                self.manager.on_worker_gone(slot)
+                self.rollout.on_worker_gone(slot)
             if failure is not None:
                 self._fatal(failure)
                 return

@@ -11,7 +11,7 @@ import dataclasses
 import enum
 import subprocess
 import time
-from typing import TYPE_CHECKING, Hashable, Iterator, Sequence
+from typing import TYPE_CHECKING, Hashable, Iterable, Iterator, Sequence
 
 if TYPE_CHECKING:
     from sgserve.broker.policies import DispatchRequest
@@ -43,6 +43,13 @@ class WorkerSlot:
     started_at: float = 0.0  # monotonic time the current process was spawned
     spawned: int = 0  # processes started at this index so far
     loading: bool = False  # out of rotation while it maps and warms a model version (rolling update)
+    # Model versions, as (name, version). Only WorkerTable's methods change these; the broker's
+    # rollout coordinator (rollout.py) calls them.
+    versions: set[tuple[str, int]] = dataclasses.field(default_factory=set)  # mapped by its process
+    booting: set[tuple[str, int]] = dataclasses.field(default_factory=set)  # spawned with, until READY
+    loading_version: tuple[str, int] | None = None  # W_LOAD sent, LOADED not received yet
+    unloading_version: tuple[str, int] | None = None  # W_UNLOAD sent, UNLOADED not received yet
+    change_sent_at: float = 0.0  # monotonic time that W_LOAD or W_UNLOAD was sent
 
     @property
     def load(self) -> int:
@@ -161,6 +168,8 @@ class WorkerTable:
         slot.identity = identity
         slot.pid = pid
         slot.state = WorkerState.READY
+        slot.versions, slot.booting = slot.booting, set()  # a worker maps what it was spawned with
+        slot.loading_version = slot.unloading_version = None
         slot.last_seen = now
         slot.last_progress = now
         self._by_identity[identity] = slot
@@ -202,6 +211,42 @@ class WorkerTable:
         slot.loading = loading
         self._set_free(slot)
 
+    # -- model versions on workers -------------------------------------------------------------
+    def spawning_with(self, slot: WorkerSlot, versions: Iterable[tuple[str, int]]) -> None:
+        """The process about to start at this slot loads ``versions`` at boot."""
+        slot.booting = set(versions)
+
+    def start_loading(self, slot: WorkerSlot, key: tuple[str, int], now: float, out_of_rotation: bool) -> None:
+        """W_LOAD was sent; out of rotation until LOADED when others can serve meanwhile."""
+        slot.loading_version = key
+        slot.change_sent_at = now
+        if out_of_rotation:
+            self.set_loading(slot, True)
+
+    def finish_loading(self, slot: WorkerSlot, loaded: bool) -> None:
+        """LOADED arrived (or the load was given up): back in rotation, with the version if ``loaded``."""
+        if loaded and slot.loading_version is not None:
+            slot.versions.add(slot.loading_version)
+        slot.loading_version = None
+        self.set_loading(slot, False)
+
+    def start_unloading(self, slot: WorkerSlot, key: tuple[str, int], now: float, out_of_rotation: bool) -> None:
+        slot.unloading_version = key
+        slot.change_sent_at = now
+        if out_of_rotation:
+            self.set_loading(slot, True)
+
+    def finish_unloading(self, slot: WorkerSlot, key: tuple[str, int]) -> None:
+        """The worker no longer maps ``key`` (UNLOADED, or it stopped answering about it)."""
+        slot.versions.discard(key)
+        if slot.unloading_version == key:
+            slot.unloading_version = None
+            self.set_loading(slot, False)
+
+    def forget_version(self, slot: WorkerSlot, key: tuple[str, int]) -> None:
+        """Counts ``key`` as gone from a worker that cannot be told to drop it (dead, unreachable)."""
+        slot.versions.discard(key)
+
     def mark_draining(self, slot: WorkerSlot) -> None:
         if slot.state is WorkerState.READY:
             slot.state = WorkerState.DRAINING
@@ -217,6 +262,8 @@ class WorkerTable:
             self._by_identity.pop(slot.identity, None)
         slot.state = WorkerState.DEAD
         slot.loading = False
+        slot.versions, slot.booting = set(), set()  # whatever it held or was loading, it has no more
+        slot.loading_version = slot.unloading_version = None
         self._set_free(slot)
         return orphans
 

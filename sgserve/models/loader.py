@@ -1,21 +1,23 @@
-"""The loader: reads one model version's variables once and writes them into one shared segment.
+"""The loader: reads model versions' variables once and writes each into one shared segment.
 
-Runs as its own short-lived process (``python -m sgserve.models.loader``) so that the broker never imports
-TensorFlow and a loader crash cannot take the server down. It prints progress on stderr and, on
-success, the ModelSpec as one JSON line on stdout. Exit code 2 means "this model cannot be served"
-(missing or corrupt directory); the message on stderr says why. Any partly written segment is
-unlinked before it exits.
+Runs as its own long-lived process (``python -m sgserve.models.loader``, started by the server's
+LoaderService) so that the broker never imports TensorFlow and a loader crash cannot take the
+server down. It takes load jobs as JSON lines on stdin and answers each with one JSON line on stdout:
+the ModelSpec, or the cause of the failure (missing or corrupt directory). Any partly written
+segment is unlinked before it answers. A long load shows its progress on stderr.
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import logging
 import math
 import os
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, TextIO
+
+import click
 
 import msgpack
 import numpy as np
@@ -23,7 +25,8 @@ import numpy as np
 from sgserve.models import shared_segment
 from sgserve.config import ModelSpec
 from sgserve.errors import NotFound
-from sgserve.process import EXIT_MODEL_ERROR, die_with_parent, lowest_priority
+from sgserve.logs import setup_logging
+from sgserve.process import die_with_parent, lowest_priority, tensorflow_import_quiet
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +55,15 @@ def latest_version(base_path: str) -> int:
     return versions[-1]
 
 
-class Progress:
-    """Progress of a long load on stderr: a live line on a terminal, a line every few seconds otherwise."""
+class LoadProgress:
+    """Progress of a long load on stderr: rich's live bar on a terminal, a plain line every few
+    seconds otherwise (a log file or a pipe). Loads under half a second show nothing."""
 
-    def __init__(self, label: str, total: int, stream=None) -> None:
+    QUIET_S = 0.5  # small models load silently
+    LINE_EVERY_S = 2.0  # plain lines, when stderr is not a terminal
+    FINAL_LINE_BYTES = 64 * 1024 * 1024  # a load this big reports its end even when it was quick
+
+    def __init__(self, label: str, total: int, stream: TextIO | None = None) -> None:
         self.label = label
         self.total = max(total, 1)
         self.done = 0
@@ -63,34 +71,51 @@ class Progress:
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.started = time.monotonic()
         self.last = 0.0
+        self._bar: Any = None  # rich.progress.Progress once shown
+        self._task: Any = None
 
     def advance(self, n: int) -> None:
         self.done += n
         now = time.monotonic()
-        if now - self.started < 0.5:  # small models load silently
+        if now - self.started < self.QUIET_S:
             return
-        if now - self.last >= (0.2 if self.tty else 2.0):
-            self.last = now
-            self._print(final=False)
-
-    def _print(self, final: bool) -> None:
-        mib = 1024 * 1024
-        pct = 100.0 * self.done / self.total
-        line = (f"[sgserve] loading {self.label}: {self.done / mib:.1f}/{self.total / mib:.1f} MiB "
-                f"({pct:.0f}%), {time.monotonic() - self.started:.1f} s")
         if self.tty:
-            self.stream.write("\r" + line + ("\n" if final else ""))
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
+            self._live().update(self._task, completed=self.done)
+        elif now - self.last >= self.LINE_EVERY_S:
+            self.last = now
+            self._line()
 
     def finish(self) -> None:
         printed_all = self.last and self.done >= self.total
         self.done = self.total
-        if printed_all:
-            return
-        if self.last or self.total >= 64 * 1024 * 1024:
-            self._print(final=True)
+        if self._bar is not None:
+            self._bar.update(self._task, completed=self.total)
+            self.stop()
+        elif not printed_all and (self.last or self.total >= self.FINAL_LINE_BYTES):
+            self._line()
+
+    def stop(self) -> None:
+        """Ends the live bar (also when the load failed half way)."""
+        if self._bar is not None:
+            self._bar.stop()
+
+    def _live(self) -> Any:
+        if self._bar is None:
+            from rich.console import Console  # noqa: PLC0415
+            from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,  # noqa: PLC0415
+                                       TimeElapsedColumn)
+
+            self._bar = Progress(TextColumn("loading {task.description}"), BarColumn(), DownloadColumn(binary_units=True),
+                                 TimeElapsedColumn(), console=Console(file=self.stream))
+            self._task = self._bar.add_task(self.label, total=self.total, completed=self.done)
+            self._bar.start()
+        return self._bar
+
+    def _line(self) -> None:
+        mib = 1024 * 1024
+        self.stream.write(f"sgserve loader: loading {self.label}: {self.done / mib:.1f}/{self.total / mib:.1f} MiB "
+                          f"({100.0 * self.done / self.total:.0f}%), {time.monotonic() - self.started:.1f} s\n")
+        self.stream.flush()
 
 
 def _checkpoint_crcs(ckpt_prefix: str) -> dict[str, Any]:
@@ -126,7 +151,7 @@ def load_base(segment: str) -> dict[str, Any]:
 
 
 def load_version(name: str, base_path: str, version: int, sid: str,
-                 progress: Callable[[str, int], Progress] | None = None,
+                 progress: Callable[[str, int], LoadProgress] | None = None,
                  base_segment: str | None = None) -> ModelSpec:
     """Reads ``base_path/version`` into a new shared segment; returns its ModelSpec.
 
@@ -135,98 +160,128 @@ def load_version(name: str, base_path: str, version: int, sid: str,
     points at the bytes already in shared memory, so the update costs time and memory in proportion
     to what changed.
     """
-    import tensorflow as tf  # noqa: PLC0415
-
     from sgserve.models import graph_rewrite  # noqa: PLC0415
 
     started = time.monotonic()
     version_dir = os.path.join(base_path, str(version))
     ckpt_prefix = os.path.join(version_dir, "variables", "variables")
-    try:
-        reader = tf.train.load_checkpoint(ckpt_prefix)
-        shapes = reader.get_variable_to_shape_map()
-        dtypes = reader.get_variable_to_dtype_map()
-    except Exception as exc:  # noqa: BLE001 - NotFoundError, DataLossError, ...
-        if not os.path.exists(ckpt_prefix + ".index"):
-            # A model with no variables at all is legal (tf.Module with constants only).
-            if os.path.isfile(os.path.join(version_dir, "saved_model.pb")) and not os.path.isdir(
-                    os.path.join(version_dir, "variables")):
-                reader, shapes, dtypes = None, {}, {}
-            else:
-                raise graph_rewrite.ModelFormatError(
-                    f"{version_dir}: no checkpoint at variables/variables.index ({type(exc).__name__})") from None
-        else:
-            raise graph_rewrite.ModelFormatError(
-                f"{version_dir}: corrupt checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:300]})") from None
-
+    reader, shapes, dtypes = _open_checkpoint(version_dir, ckpt_prefix)
     sg = graph_rewrite.build_serving_graph(
         version_dir, table_prefix=f"sgserve/{name}/{version}",
         variable_shapes={k: list(v) for k, v in shapes.items()},
         variable_dtypes={k: v for k, v in dtypes.items()})
-
     crcs = _checkpoint_crcs(ckpt_prefix) if reader is not None else {}
     base = load_base(base_segment) if base_segment and crcs else None
-
-    # Lay out every distinct checkpoint key once; unchanged ones stay where the base version has them.
-    tensors: list[dict[str, Any]] = []
-    offsets: dict[str, dict[str, Any]] = {}  # the keys this version writes into its own segment
-    placed: dict[str, dict[str, Any]] = {}
-    offset = 0
-    shared_bytes = 0
-    strings: dict[str, bytes] = {}
-    for var in sg.variables:
-        if var.key in placed:
-            tensors.append(dict(placed[var.key], node=var.node))
-            continue
-        if var.key not in shapes:
-            raise graph_rewrite.ModelFormatError(
-                f"{version_dir}: variable '{var.node}' (checkpoint key '{var.key}') is not in the checkpoint")
-        dtype = graph_rewrite.dtype_name(tf.as_dtype(dtypes[var.key]).as_datatype_enum)
-        crc = crcs.get(var.key)
-        old = _reusable(base, var.key, crc)
-        if old is not None:
-            entry = {"node": var.node, "key": var.key, "dtype": dtype, "shape": [int(d) for d in shapes[var.key]],
-                     "offset": old["offset"], "nbytes": old["nbytes"], "segment": old["segment"],
-                     "crc32c": old["crc32c"]}
-            placed[var.key] = entry
-            tensors.append(entry)
-            shared_bytes += old["nbytes"]
-            continue
-        if dtype == "string":
-            data = msgpack.packb([bytes(x) for x in reader.get_tensor(var.key).reshape(-1).tolist()], use_bin_type=True)
-            strings[var.key] = data
-            nbytes = len(data)
-        else:
-            nbytes = math.prod(int(d) for d in shapes[var.key]) * np.dtype(dtype).itemsize
-        entry = {"node": var.node, "key": var.key, "dtype": dtype, "shape": [int(d) for d in shapes[var.key]],
-                 "offset": offset, "nbytes": nbytes}
-        if crc is not None and not crc.sliced:
-            entry["crc32c"] = crc.crc32c
-        offsets[var.key] = placed[var.key] = entry
-        tensors.append(entry)
-        offset = shared_segment.align(offset + nbytes)
-    data_bytes = offset
-    borrowed = sorted({t["segment"] for t in placed.values() if "segment" in t})
+    layout = _lay_out(sg.variables, version_dir, reader, shapes, dtypes, crcs, base)
     if base is not None:
         log.info("%s version %d: %d of %d tensors (%.1f MiB) unchanged since version %s, shared with it",
-                 name, version, len(placed) - len(offsets), len(placed), shared_bytes / 2**20, base["version"])
-
+                 name, version, len(layout.placed) - len(layout.own), len(layout.placed),
+                 layout.shared_bytes / 2**20, base["version"])
     signatures_full = {
         k: {"method": s.method,
             "inputs": {n: {"tensor": t.tensor, "dtype": t.dtype, "shape": t.shape} for n, t in s.inputs.items()},
             "outputs": {n: {"tensor": t.tensor, "dtype": t.dtype, "shape": t.shape} for n, t in s.outputs.items()}}
         for k, s in sg.signatures.items()
     }
-    manifest = {"format": 1, "model": name, "version": version, "base_path": base_path, "tensors": tensors,
+    manifest = {"format": 1, "model": name, "version": version, "base_path": base_path, "tensors": layout.tensors,
                 "graph": sg.graph_def, "signatures": signatures_full, "init_nodes": sg.init_nodes,
                 "assets": sg.assets}
     seg_name = shared_segment.segment_name(sid, name, version)
-    writer = shared_segment.SegmentWriter(seg_name, data_bytes, manifest)
+    _write_segment(seg_name, manifest, layout, reader, version_dir,
+                   (progress or LoadProgress)(f"{name} version {version}", layout.data_bytes))
+    borrowed = sorted({t["segment"] for t in layout.placed.values() if "segment" in t})
+    public = {k: s.public() for k, s in sg.signatures.items()}
+    return ModelSpec(name=name, version=version, base_path=base_path, segment=seg_name,
+                     segment_bytes=layout.data_bytes + layout.shared_bytes, signatures=public,
+                     load_seconds=round(time.monotonic() - started, 3), segments=[seg_name, *borrowed],
+                     own_bytes=layout.data_bytes)
+
+
+def _open_checkpoint(version_dir: str, ckpt_prefix: str) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """The checkpoint reader and its variables' shapes and dtypes (none for a model without variables)."""
+    import tensorflow as tf  # noqa: PLC0415
+
+    from sgserve.models import graph_rewrite  # noqa: PLC0415
+
     try:
-        prog = (progress or Progress)(f"{name} version {version}", data_bytes)
-        for entry in offsets.values():
+        reader = tf.train.load_checkpoint(ckpt_prefix)
+        return reader, reader.get_variable_to_shape_map(), reader.get_variable_to_dtype_map()
+    except Exception as exc:  # noqa: BLE001 - NotFoundError, DataLossError, ...
+        if os.path.exists(ckpt_prefix + ".index"):
+            raise graph_rewrite.ModelFormatError(
+                f"{version_dir}: corrupt checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:300]})") from None
+        # A model with no variables at all is legal (tf.Module with constants only).
+        if os.path.isfile(os.path.join(version_dir, "saved_model.pb")) and not os.path.isdir(
+                os.path.join(version_dir, "variables")):
+            return None, {}, {}
+        raise graph_rewrite.ModelFormatError(
+            f"{version_dir}: no checkpoint at variables/variables.index ({type(exc).__name__})") from None
+
+
+@dataclasses.dataclass
+class _Layout:
+    """Where each checkpoint key's bytes go: this version's own segment, or the base version's."""
+
+    tensors: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # one per graph variable
+    own: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # keys written into its segment
+    placed: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # every key, once
+    strings: dict[str, bytes] = dataclasses.field(default_factory=dict)  # string tensors, packed
+    data_bytes: int = 0
+    shared_bytes: int = 0
+
+
+def _lay_out(variables: Any, version_dir: str, reader: Any, shapes: dict[str, Any], dtypes: dict[str, Any],
+             crcs: dict[str, Any], base: dict[str, Any] | None) -> _Layout:
+    """Lays out every distinct checkpoint key once; unchanged ones stay where the base version has them."""
+    import tensorflow as tf  # noqa: PLC0415
+
+    from sgserve.models import graph_rewrite  # noqa: PLC0415
+
+    out = _Layout()
+    for var in variables:
+        if var.key in out.placed:
+            out.tensors.append(dict(out.placed[var.key], node=var.node))
+            continue
+        if var.key not in shapes:
+            raise graph_rewrite.ModelFormatError(
+                f"{version_dir}: variable '{var.node}' (checkpoint key '{var.key}') is not in the checkpoint")
+        dtype = graph_rewrite.dtype_name(tf.as_dtype(dtypes[var.key]).as_datatype_enum)
+        shape = [int(d) for d in shapes[var.key]]
+        crc = crcs.get(var.key)
+        old = _reusable(base, var.key, crc)
+        if old is not None:
+            entry = {"node": var.node, "key": var.key, "dtype": dtype, "shape": shape, "offset": old["offset"],
+                     "nbytes": old["nbytes"], "segment": old["segment"], "crc32c": old["crc32c"]}
+            out.placed[var.key] = entry
+            out.tensors.append(entry)
+            out.shared_bytes += old["nbytes"]
+            continue
+        if dtype == "string":
+            data = msgpack.packb([bytes(x) for x in reader.get_tensor(var.key).reshape(-1).tolist()], use_bin_type=True)
+            out.strings[var.key] = data
+            nbytes = len(data)
+        else:
+            nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+        entry = {"node": var.node, "key": var.key, "dtype": dtype, "shape": shape, "offset": out.data_bytes,
+                 "nbytes": nbytes}
+        if crc is not None and not crc.sliced:
+            entry["crc32c"] = crc.crc32c
+        out.own[var.key] = out.placed[var.key] = entry
+        out.tensors.append(entry)
+        out.data_bytes = shared_segment.align(out.data_bytes + nbytes)
+    return out
+
+
+def _write_segment(seg_name: str, manifest: dict[str, Any], layout: _Layout, reader: Any, version_dir: str,
+                   prog: LoadProgress) -> None:
+    """Creates the segment and copies this version's own tensors in; unlinks it on any failure."""
+    from sgserve.models import graph_rewrite  # noqa: PLC0415
+
+    writer = shared_segment.SegmentWriter(seg_name, layout.data_bytes, manifest)
+    try:
+        for entry in layout.own.values():
             if entry["dtype"] == "string":
-                writer.write_bytes(entry["offset"], strings[entry["key"]])
+                writer.write_bytes(entry["offset"], layout.strings[entry["key"]])
             elif entry["nbytes"]:
                 try:
                     arr = reader.get_tensor(entry["key"])
@@ -240,95 +295,108 @@ def load_version(name: str, base_path: str, version: int, sid: str,
         prog.finish()
         writer.finish()
     except BaseException:
+        prog.stop()
         writer.close()
         shared_segment.unlink(seg_name)
         raise
-    public = {k: s.public() for k, s in sg.signatures.items()}
-    return ModelSpec(name=name, version=version, base_path=base_path, segment=seg_name,
-                     segment_bytes=data_bytes + shared_bytes, signatures=public,
-                     load_seconds=round(time.monotonic() - started, 3), segments=[seg_name, *borrowed],
-                     own_bytes=data_bytes)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sgserve.models.loader", description=__doc__)
-    p.add_argument("--name", help="the model's name (one-shot mode)")
-    p.add_argument("--base-path", help="TF Serving model base path; omit with --demo")
-    p.add_argument("--version", type=int, default=None, help="default: the highest version")
-    p.add_argument("--server-id", required=True)
-    p.add_argument("--demo-cache-dir", help="build (once) and load the built-in demo model from here")
-    p.add_argument("--base-segment", help="segment of an earlier version: share the tensors that did not change")
-    p.add_argument("--background", action="store_true",
-                   help="a load while serving: lowest CPU priority (SCHED_IDLE), so it never competes with workers")
-    p.add_argument("--cores", help="comma-separated cores to run on (default: all)")
-    p.add_argument("--serve", action="store_true",
-                   help="stay up: read load jobs as JSON lines on stdin, answer each with one JSON line")
-    args = p.parse_args(argv)
-    if not args.serve and not args.name:
-        p.error("--name is required (or --serve)")
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--server-id", required=True, help="the server's id: it names the segments")
+@click.option("--background", is_flag=True,
+              help="start at the lowest CPU priority (SCHED_IDLE), so it never competes with workers")
+@click.option("--cores", default=None, help="comma-separated cores to run on (default: all)")
+def main(server_id: str, background: bool, cores: str | None) -> None:
+    """The sgserve loader service: reads load jobs as JSON lines on stdin and answers each with one
+    JSON line on stdout (started by the server, not by hand)."""
+    setup_logging("loader")
     die_with_parent()
-    if args.cores:
-        os.sched_setaffinity(0, [int(c) for c in args.cores.split(",")])
-    if args.background:
-        lowest_priority()
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    if args.serve:
-        return serve_jobs(args.server_id)
-    try:
-        base = args.base_path
-        if args.demo_cache_dir:
-            from sgserve.models import demo  # noqa: PLC0415
-
-            base = demo.ensure_demo_model(args.demo_cache_dir)
-        version = args.version if args.version is not None else latest_version(base)
-        if not os.path.isdir(os.path.join(base, str(version))):
-            raise ModelNotFound(f"version {version} of model '{args.name}' not found under {base}")
-        spec = load_version(args.name, base, version, args.server_id, base_segment=args.base_segment)
-    except Exception as exc:  # noqa: BLE001
-        print(f"sgserve: cannot load model '{args.name}': {_why(exc)}", file=sys.stderr)
-        return EXIT_MODEL_ERROR
-    sys.stdout.write(json.dumps(spec.to_dict()) + "\n")
-    sys.stdout.flush()
-    return 0
+    if background:
+        _to_background([int(c) for c in cores.split(",")] if cores else [])
+    sys.exit(serve_jobs(server_id, background))
 
 
 def _why(exc: BaseException) -> str:
     return getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
 
 
-def serve_jobs(sid: str) -> int:
+def serve_jobs(sid: str, background: bool = False) -> int:
     """The loader as a service: TensorFlow is imported once, so a version update costs what the
     version needs (its graph and changed tensors), not a TensorFlow start-up of several seconds.
 
-    Each stdin line is {"name", "base_path", "version", "base_segment"}; each answer one stdout line,
-    {"ok": true, "spec": ModelSpec} or {"ok": false, "error": str}. Exits at end of input.
+    Each stdin line is a job, {"name", "base_path", "version", "base_segment"}, plus "background"
+    and "cores" for an update while serving, or {"name", "demo_cache_dir"} for the built-in demo
+    model (built once, its latest version loaded). Each answer is one stdout line, {"ok": true,
+    "spec": ModelSpec} or {"ok": false, "error": the cause}. Exits at end of input.
     """
-    import tensorflow as tf  # noqa: PLC0415, F401 - paid once, here
+    with tensorflow_import_quiet():
+        import tensorflow as tf  # noqa: PLC0415, F401 - paid once, here
 
     from sgserve.models import checkpoint_index, graph_rewrite  # noqa: PLC0415, F401 - imported now, not during the first job
 
-    lowest_priority()  # the threads the imports started, too
-    sys.stdout.write(json.dumps({"ready": True}) + "\n")
-    sys.stdout.flush()
+    if background:
+        lowest_priority()  # the threads the imports started, too
+    answers = _private_stdout()
+    _answer(answers, {"ready": True})
     for line in sys.stdin:
         if not line.strip():
             continue
         try:
             job = json.loads(line)
-            version_dir = os.path.join(job["base_path"], str(job["version"]))
-            if not os.path.isdir(version_dir):
-                raise ModelNotFound(f"version {job['version']} of model '{job['name']}' not found under "
-                                    f"{job['base_path']}")
-            spec = load_version(job["name"], job["base_path"], int(job["version"]), sid,
-                                base_segment=job.get("base_segment"))
+            if job.get("background"):
+                background = True
+                _to_background(job.get("cores") or [])
+            spec = _run_job(job, sid)
             answer = {"ok": True, "spec": spec.to_dict()}
         except Exception as exc:  # noqa: BLE001 - one bad version must not stop the service
             answer = {"ok": False, "error": _why(exc)}
-        sys.stdout.write(json.dumps(answer) + "\n")
-        sys.stdout.flush()
-        lowest_priority()  # thread pools TensorFlow started during the job
+        _answer(answers, answer)
+        if background:
+            lowest_priority()  # thread pools TensorFlow started during the job
     return 0
 
 
+def _run_job(job: dict[str, Any], sid: str) -> ModelSpec:
+    base, version = job.get("base_path"), job.get("version")
+    if job.get("demo_cache_dir"):
+        from sgserve.models import demo  # noqa: PLC0415
+
+        base = demo.ensure_demo_model(job["demo_cache_dir"])
+    if version is None:
+        version = latest_version(base)
+    if not os.path.isdir(os.path.join(base, str(version))):
+        raise ModelNotFound(f"version {version} of model '{job['name']}' not found under {base}")
+    return load_version(job["name"], base, int(version), sid, base_segment=job.get("base_segment"))
+
+
+def _to_background(cores: list[int]) -> None:
+    """Lowest CPU priority, and the given cores, for every thread of this process."""
+    if cores:
+        try:
+            tids = [int(t) for t in os.listdir("/proc/self/task")]
+        except OSError:
+            tids = [0]
+        for tid in tids:
+            try:
+                os.sched_setaffinity(tid, cores)
+            except OSError:
+                pass
+    lowest_priority()
+
+
+def _private_stdout() -> TextIO:
+    """The answers' own copy of stdout; whatever else prints to stdout (a library) goes to stderr,
+    so it cannot break the one-JSON-line-per-answer protocol."""
+    sys.stdout.flush()
+    answers = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    return answers
+
+
+def _answer(out: TextIO, msg: dict[str, Any]) -> None:
+    out.write(json.dumps(msg) + "\n")
+    out.flush()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -1,16 +1,20 @@
-"""The broker's handle on a long-lived loader process (``python -m sgserve.models.loader --serve``).
+"""The server's handle on the one long-lived loader process (``python -m sgserve.models.loader``).
 
-TensorFlow takes seconds to import; a loader started per version would pay that on every update,
-however little changed. One loader process stays up instead, at SCHED_IDLE priority (it only gets
-CPU time the workers leave idle), pinned to cores no worker uses when there are any, and takes one
-load job at a time as a JSON line. The broker never blocks on it: ``poll`` reads what has arrived.
-If it dies (killed to cancel a load, or crashed on a bad model) the next job starts a new one.
+TensorFlow takes seconds to import; a loader started per version would pay that on every load,
+however little changed. One loader process loads the versions served from the start (``load``
+waits for each) and stays up for every later update, so TensorFlow is imported once. It takes one
+load job at a time as a JSON line. Update jobs are marked ``background``: from the first one on,
+the loader runs at SCHED_IDLE priority (it only gets CPU time the workers leave idle), pinned to
+cores no worker uses when there are any, and the broker never blocks on it: ``poll`` reads what has
+arrived. If it dies (killed to cancel a load, or crashed on a bad model) the next job starts a new
+one. Its stderr is the server's: a long load's progress shows there.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import select
 import subprocess
 import sys
 from typing import Any
@@ -21,37 +25,55 @@ log = logging.getLogger(__name__)
 
 
 class LoaderDied(Exception):
-    """The loader process exited while it held a job; the message says how, with its last words."""
+    """The loader process exited while it held a job; the message says how."""
 
 
 class LoaderService:
-    def __init__(self, server_id: str, log_path: str, cores: list[int] | None = None) -> None:
+    def __init__(self, server_id: str) -> None:
         self.server_id = server_id
-        self.log_path = log_path
-        self.cores = cores or []
+        self.background = False  # set by the first background job: a restarted process starts idle
+        self.cores: list[int] = []  # where background jobs run (empty: anywhere)
         self.proc: subprocess.Popen | None = None
         self.busy = False
         self.ready = False  # TensorFlow imported: a job starts at once
         self._buf = b""
+        self._eof = False  # its stdout reached end of file
 
     def start(self) -> None:
         """Starts the process if it is not running (TensorFlow then imports in the background)."""
         if self.proc is not None and self.proc.poll() is None:
             return
-        cmd = [sys.executable, "-m", "sgserve.models.loader", "--serve", "--background", "--server-id", self.server_id]
-        if self.cores:
-            cmd += ["--cores", ",".join(map(str, self.cores))]
-        env = dict(child_env(), TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
-        with open(self.log_path, "ab") as err:
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, env=env)
+        cmd = [sys.executable, "-m", "sgserve.models.loader", "--server-id", self.server_id]
+        if self.background:
+            cmd += ["--background"] + (["--cores", ",".join(map(str, self.cores))] if self.cores else [])
+        env = child_env()  # TensorFlow's log level follows --log-level (process.child_env)
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         os.set_blocking(self.proc.stdout.fileno(), False)
         self._buf = b""
+        self._eof = False
         self.busy = False
         self.ready = False
         log.info("loader service started (pid %d)%s", self.proc.pid,
-                 f" on spare cores {self.cores}" if self.cores else " at idle priority")
+                 "" if not self.background else f" on spare cores {self.cores}" if self.cores else " at idle priority")
+
+    def load(self, job: dict[str, Any]) -> dict[str, Any]:
+        """Runs one job and waits for its answer (the loads before serving starts)."""
+        self.submit(job)
+        while True:
+            answer = self.poll()
+            if answer is not None:
+                return answer
+            assert self.proc is not None and self.proc.stdout is not None
+            if self._eof:  # it closed its stdout: it is exiting, and poll() reports how
+                self.proc.wait()
+            else:
+                select.select([self.proc.stdout], [], [], 1.0)
 
     def submit(self, job: dict[str, Any]) -> None:
+        """Hands the loader one job; ``background`` jobs also move it to idle priority and ``cores``."""
+        if job.get("background"):
+            self.background = True
+            self.cores = list(job.get("cores") or [])
         self.start()
         assert self.proc is not None and self.proc.stdin is not None
         try:
@@ -94,7 +116,7 @@ class LoaderService:
         if rc is not None:
             self.busy = False
             self.proc = None
-            raise LoaderDied(f"the loader process {describe_exit(rc)}: {self._last_words()}")
+            raise LoaderDied(f"the loader process {describe_exit(rc)}")
         return None
 
     def _line(self) -> bytes | None:
@@ -105,19 +127,11 @@ class LoaderService:
             except (BlockingIOError, ValueError):
                 chunk = None
             if not chunk:
+                self._eof = self._eof or chunk == b""
                 return None
             self._buf += chunk
         line, _, self._buf = self._buf.partition(b"\n")
         return line
-
-    def _last_words(self) -> str:
-        try:
-            with open(self.log_path, "rb") as f:
-                f.seek(max(0, os.path.getsize(self.log_path) - 4000))
-                lines = [ln for ln in f.read().decode(errors="replace").splitlines() if ln.strip()]
-        except OSError:
-            return "(no log)"
-        return lines[-1].strip() if lines else "(nothing on stderr)"
 
     def kill(self) -> None:
         """Cancels whatever it is doing; the next job starts a fresh process."""

@@ -1,8 +1,8 @@
 """Helpers for broker tests: a real Broker in a thread, real echo worker processes, real sockets."""
 from __future__ import annotations
 
+import os
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,10 @@ import zmq
 
 from sgserve.broker.broker import Broker
 from sgserve.config import ModelSpec, ServerConfig
+from sgserve.models.manager import ModelManager
+from sgserve.models.tfs_config import ModelConfig, parse_version_policy
 from sgserve.protocol import MAGIC
+from tests.conftest import wait_until
 
 ECHO_WORKER = str(Path(__file__).with_name("echo_worker.py"))
 
@@ -33,6 +36,20 @@ def demo_models() -> list[ModelSpec]:
         ModelSpec(name="other", version=7, base_path="/models/other", segment="/sgs_test_other_7",
                   segment_bytes=0, signatures={"serving_default": {}}),
     ]
+
+
+def fixed_manager(config: ServerConfig, root: str, specs: list[ModelSpec] | None = None,
+                  server_id: str = "test") -> ModelManager:
+    """A ModelManager through its normal constructor that serves ``specs`` (default: demo_models())
+    as they are: each model's base path, under ``root``, holds exactly their version directories and
+    serves them all, so nothing is ever loaded or unloaded."""
+    specs = demo_models() if specs is None else specs
+    configs: dict[str, ModelConfig] = {}
+    for spec in specs:
+        base = os.path.join(root, spec.name)
+        os.makedirs(os.path.join(base, str(spec.version)), exist_ok=True)
+        configs[spec.name] = ModelConfig(name=spec.name, base_path=base, version_policy=parse_version_policy("all"))
+    return ModelManager(config, server_id=server_id, models=list(configs.values()), initial=specs)
 
 
 def test_config(**overrides: Any) -> ServerConfig:
@@ -74,12 +91,7 @@ class RunningBroker:
         return {s.index: s.pid for s in self.broker.table}
 
     def wait_for(self, predicate, timeout: float = 10.0, what: str = "condition") -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate():
-                return
-            time.sleep(0.02)
-        raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        wait_until(predicate, timeout, what)
 
     def stop(self, timeout: float = 20.0) -> int | None:
         self.broker.request_stop()

@@ -14,13 +14,13 @@ import pytest
 # by plain name whatever pytest's import mode (plugins are loaded by "module:callable" specs).
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from broker_helpers import ECHO_WORKER, RunningBroker, demo_models, descendants, test_config
+from broker_helpers import ECHO_WORKER, RunningBroker, descendants, fixed_manager, test_config
 from sgserve.broker.broker import Broker
 from sgserve.config import ModelSpec
 
 
 @pytest.fixture
-def start_broker() -> Iterator[Any]:
+def start_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """start_broker(worker_args=[...], wait_ready=True, models=..., **config) -> RunningBroker."""
     started: list[RunningBroker] = []
 
@@ -29,7 +29,9 @@ def start_broker() -> Iterator[Any]:
         config = test_config(**overrides)
         ready = threading.Event()
         backend = f"ipc://{tempfile.gettempdir()}/sgs-test-{uuid.uuid4().hex[:12]}.sock"
-        broker = Broker(config, models or demo_models(), server_id=f"test-{uuid.uuid4().hex[:6]}",
+        sid = f"test-{uuid.uuid4().hex[:6]}"
+        manager = fixed_manager(config, str(tmp_path_factory.mktemp("models")), models, server_id=sid)
+        broker = Broker(config, manager, server_id=sid,
                         backend_endpoint=backend,
                         worker_command=[sys.executable, ECHO_WORKER, *worker_args], on_ready=ready.set)
         holder: list[RunningBroker] = []

@@ -15,6 +15,7 @@ import zmq
 
 from sgserve.broker.core import RoutingCore
 from sgserve.models.manager import ModelManager
+from sgserve.models.tfs_config import ModelConfig
 from sgserve.broker.policies import load_policy
 from sgserve.broker.worker_table import WorkerTable
 from sgserve.protocol import MAGIC, W_HEARTBEAT, W_READY, W_REQUEST, parse_route, reply_frame
@@ -27,7 +28,10 @@ class Harness:
     def __init__(self, workers: int = 2, policy: str = "rr", **config: Any) -> None:
         self.config = test_config(workers=workers, policy=policy, **config)
         self.table = WorkerTable(workers, self.config.worker_pipeline)
-        self.manager = ModelManager(self.config, self.table, server_id="core-test", initial=demo_models())
+        specs = demo_models()
+        configs = {s.name: ModelConfig(s.name, s.base_path) for s in specs}
+        self.manager = ModelManager(self.config, server_id="core-test", models=list(configs.values()),
+                                    initial=specs)
         self.to_clients: list[list[Any]] = []
         self.to_workers: list[tuple[bytes, list[Any]]] = []
         self.unreachable: set[bytes] = set()
@@ -176,7 +180,7 @@ def test_a_queued_request_expires_with_504_and_never_runs(harness) -> None:
     h = harness(workers=1, worker_pipeline=1)
     h.request(b"c", predict(1), [X])
     h.request(b"c", predict(2, timeout_ms=30), [X])
-    time.sleep(0.05)
+    time.sleep(0.05)  # holds time on purpose: the core reads the wall clock for the 30 ms deadline
     h.core.tick(time.monotonic(), silence=60.0, worker_timeout=60.0)
     [(_, reply, _)] = h.replies()
     assert reply["id"] == 2 and reply["code"] == 504 and "queued in the broker" in reply["message"]
@@ -260,3 +264,36 @@ def test_fail_all_answers_queued_and_in_flight_requests(harness) -> None:
     h.core.fail_all("server is shutting down")
     assert sorted((r["id"], r["code"]) for _, r, _ in h.replies()) == [(1, 503), (2, 503)]
     assert h.core.drained()
+
+
+def _restart(h: Harness, index: int, identity: bytes) -> None:
+    """The supervisor's part, by hand: a new process at ``index`` says READY as ``identity``."""
+    slot = h.table.get(index)
+    h.table.spawned(slot, types.SimpleNamespace(pid=200 + index), now=time.monotonic())
+    h.table.mark_ready(slot, identity, 200 + index, now=time.monotonic())
+
+
+def test_a_retry_avoids_the_index_whose_worker_just_died(harness) -> None:
+    h = harness(workers=2, worker_pipeline=1)  # round robin
+    h.request(b"c", predict(1), [X])  # w0
+    h.request(b"c", predict(2), [X])  # w1
+    h.core.worker_lost(h.table.get(0), "test kill")
+    assert len(h.sent()) == 2 and len(h.core.queue) == 1, "no free worker: the retry waits in the queue"
+    _restart(h, 0, b"w0-new")
+    h.reply(b"w1", h.sent()[1][1][0], {"id": 2, "code": 200, "message": ""})
+    # Both are free now; round robin alone would pick w0-new (after w1, it wraps around to index 0).
+    worker, (_, _, _, attempt), _, _ = h.sent()[2]
+    assert worker == b"w1" and attempt == 1, "the retry goes to the other worker, not the index that died"
+    h.request(b"c", predict(3), [X])
+    assert h.sent()[3][0] == b"w0-new", "first attempts still use the replacement"
+
+
+def test_a_retry_takes_the_replacement_when_no_other_worker_is_free(harness) -> None:
+    h = harness(workers=1, worker_pipeline=1)
+    h.request(b"c", predict(1), [X])
+    h.core.worker_lost(h.table.get(0), "test kill")
+    assert len(h.core.queue) == 1
+    _restart(h, 0, b"w0-new")
+    h.core.tick(time.monotonic(), silence=60.0, worker_timeout=60.0)
+    [_, (worker, (_, _, _, attempt), _, _)] = h.sent()
+    assert worker == b"w0-new" and attempt == 1 and not h.core.queue

@@ -132,3 +132,42 @@ def test_remove_and_bad_indexes() -> None:
     assert table.get(1) is None and len(table) == 1
     with pytest.raises(ValueError):
         WorkerTable(0, 1)
+
+
+def test_model_versions_live_on_the_slot_and_change_through_the_table() -> None:
+    table = WorkerTable(2, pipeline=2)
+    s0, s1 = table.add(0, [0]), table.add(1, [1])
+    table.spawning_with(s0, [("m", 1)])
+    table.spawned(s0, FakeProcess(10), now=0.0)
+    table.mark_ready(s0, b"w0-10", 10, now=1.0)
+    assert s0.versions == {("m", 1)} and s0.booting == set(), "a worker maps what it was spawned with"
+    table.spawned(s1, FakeProcess(11), now=0.0)
+    table.mark_ready(s1, b"w1-11", 11, now=1.0)
+    table.start_loading(s0, ("m", 2), now=5.0, out_of_rotation=True)
+    assert s0.loading_version == ("m", 2) and s0.change_sent_at == 5.0
+    assert table.free() == (s1,), "out of rotation while it loads"
+    table.finish_loading(s0, loaded=True)
+    assert s0.versions == {("m", 1), ("m", 2)} and s0.loading_version is None
+    assert table.free() == (s0, s1)
+    table.start_loading(s1, ("m", 2), now=6.0, out_of_rotation=False)
+    assert table.free() == (s0, s1), "the only other worker keeps serving while it loads"
+    table.finish_loading(s1, loaded=False)
+    assert s1.versions == set()
+    table.start_unloading(s0, ("m", 1), now=7.0, out_of_rotation=True)
+    assert table.free() == (s1,)
+    table.finish_unloading(s0, ("m", 1))
+    assert s0.versions == {("m", 2)} and s0.unloading_version is None and table.free() == (s0, s1)
+    table.forget_version(s0, ("m", 2))
+    assert s0.versions == set()
+
+
+def test_a_dead_worker_holds_no_versions() -> None:
+    table = ready_table(1)
+    s0 = table.get(0)
+    table.start_loading(s0, ("m", 2), now=1.0, out_of_rotation=True)
+    table.finish_loading(s0, loaded=True)
+    table.start_unloading(s0, ("m", 2), now=2.0, out_of_rotation=False)
+    table.spawning_with(s0, [("m", 3)])
+    table.mark_dead(s0)
+    assert (s0.versions, s0.booting, s0.loading_version, s0.unloading_version) == (set(), set(), None, None)
+    assert not s0.loading
