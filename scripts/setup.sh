@@ -9,7 +9,26 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 .venv/bin/python -m pip install -q -e '.[cpu,test]'
-# TF Serving's config, warmup (PredictionLog) and model protos. Installed without its dependencies:
-# it requires the `tensorflow` wheel, which would replace `tensorflow-cpu`; its *_pb2 modules need only
-# the protobuf and tensorflow that are already installed (no grpc for sgserve).
-.venv/bin/python -m pip install -q --no-deps 'tensorflow-serving-api==2.21.0'
+# The [serving-apis] extra (pyproject.toml): TF Serving's config, warmup (PredictionLog) and model
+# protos. Its requirements are installed without their dependencies: tensorflow-serving-api requires
+# the `tensorflow` wheel, which would replace `tensorflow-cpu`; its *_pb2 modules need only the
+# protobuf and tensorflow that are already installed (no grpc for sgserve).
+serving_apis=$(.venv/bin/python -c '
+from importlib.metadata import requires
+print(" ".join(r.split(";")[0].strip() for r in requires("sgserve") or () if "serving-apis" in r))')
+if [ -z "$serving_apis" ]; then
+  echo "setup.sh: pyproject.toml declares no [serving-apis] extra" >&2
+  exit 1
+fi
+# shellcheck disable=SC2086 # one word per requirement
+.venv/bin/python -m pip install -q --no-deps $serving_apis
+# A broken install fails here, not later in the tests (found, not imported: that would import TensorFlow).
+.venv/bin/python -c '
+import importlib.util, sys
+for name in ("tensorflow_serving.apis.prediction_log_pb2", "tensorflow_serving.config.model_server_config_pb2"):
+    try:
+        found = importlib.util.find_spec(name)
+    except ImportError:
+        found = None
+    if found is None:
+        sys.exit(f"setup.sh: {name} is not installed; the [serving-apis] extra did not install")'

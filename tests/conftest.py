@@ -6,13 +6,14 @@ server made is left in /dev/shm.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from typing import Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import numpy as np
 import psutil
@@ -20,6 +21,39 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 SHM = "/dev/shm"
+T = TypeVar("T")
+
+
+def wait_until(predicate: Callable[[], T], timeout: float = 10.0, what: str = "condition",
+               interval: float = 0.02) -> T:
+    """Polls ``predicate`` until it returns a truthy value, and returns that value. Tests wait for
+    the event they need instead of sleeping for a time that is enough only on an idle machine.
+
+    Fails with ``what`` and the predicate's last value (or the exception it last raised) when
+    ``timeout`` seconds pass first.
+    """
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        try:
+            last = predicate()
+        except Exception as exc:  # noqa: BLE001 - e.g. a server that is not up yet: try again
+            last = exc
+        else:
+            if last:
+                return last
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}; last value: {last!r}")
+        time.sleep(interval)
+
+
+def import_required(name: str) -> Any:
+    """Imports a module the tests need; fails (never skips) with what to do when it is missing."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        raise ImportError(f"the tests need {name}, which cannot be imported ({exc}); install sgserve with "
+                          f"scripts/setup.sh (it installs the [cpu,test] and [serving-apis] extras)") from exc
 
 
 def free_port() -> int:

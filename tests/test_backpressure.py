@@ -20,6 +20,7 @@ import zmq
 
 from sgserve import protocol
 from sgserve.errors import InvalidArgument, ResourceExhausted, ServeError, error_from_code
+from tests.conftest import wait_until
 from tests.worker.test_batching_e2e import serving, write
 
 SLOW_N = 40_000  # about 1.5 s of one core
@@ -129,6 +130,32 @@ def served(server) -> list[int]:
         return [w["served"] for w in c.status()["workers"]]
 
 
+def worker_status(server) -> dict[str, Any]:
+    with server.client(5.0) as c:
+        (worker,) = c.status()["workers"]
+    return worker
+
+
+def cpu_seconds(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
+class ModelRunning:
+    """Waits until the only worker has spent ``cpu_s`` seconds of CPU since it was made: the slow
+    model is running. Only running a model costs a worker that much; taking a request, batching it
+    and heartbeating cost microseconds. On a busy machine a fixed sleep does not say that the
+    worker (or its batch thread) has even started, and then a request sent next could join the
+    slow one's batch and run."""
+
+    def __init__(self, server, cpu_s: float = 0.2) -> None:
+        self.pid = worker_status(server)["pid"]
+        self.until = cpu_seconds(self.pid) + cpu_s
+
+    def wait(self, timeout: float = 30.0) -> None:
+        wait_until(lambda: cpu_seconds(self.pid) >= self.until, timeout, "the slow model to start running")
+
+
 @pytest.fixture(scope="module")
 def slow_model(tmp_path_factory) -> str:
     base = str(tmp_path_factory.mktemp("backpressure") / "slow")
@@ -163,10 +190,9 @@ def test_flood_gets_fast_429s_with_bounded_memory_and_the_server_recovers(unbatc
             assert c.predict("slow", feed(500))["y"].tolist() == [0.0]
         # The baseline is the steady server: its loader service (started once the workers are
         # READY, for version updates) has finished importing TensorFlow.
-        deadline = time.monotonic() + 120
-        while c.status()["loader"]["state"] == "starting" and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert c.status()["loader"]["state"] == "ready"
+        state = wait_until(lambda: c.status()["loader"]["state"] != "starting" and c.status()["loader"]["state"],
+                           120, "the loader service to finish starting", interval=0.2)
+        assert state == "ready"
     rss = [tree_rss(unbatched.proc.pid)]
     sampling = threading.Event()
 
@@ -233,7 +259,7 @@ def test_request_expiring_in_the_broker_queue_gets_504_and_never_runs(unbatched)
     flood = Flood(unbatched.endpoint, 1)
     try:
         busy = [flood.send(0, feed(SLOW_N)) for _ in range(2)]  # the worker's whole pipeline
-        time.sleep(0.2)
+        wait_until(lambda: worker_status(unbatched)["inflight"] == 2, 30, "the worker to hold both slow requests")
         late = flood.send(0, feed(SLOW_N), timeout_ms=300)
         waited, header = flood.reply(late)
         for rid in busy:
@@ -262,8 +288,9 @@ def test_deadline_already_past_on_arrival_is_504(unbatched, timeout_ms):
 def test_full_batching_queue_is_429(batched):
     flood = Flood(batched.endpoint, 1)
     try:
+        model = ModelRunning(batched)
         running = flood.send(0, feed(SLOW_N))  # takes the only batch thread
-        time.sleep(0.3)
+        model.wait()
         queued = flood.send(0, feed(1, rows=3))  # the one batch that may wait: 3 of 4 rows
         refused = flood.send(0, feed(1, rows=3))  # does not fit; a second batch may not wait
         waited, header = flood.reply(refused)
@@ -279,8 +306,9 @@ def test_full_batching_queue_is_429(batched):
 def test_request_expiring_in_the_batching_queue_gets_504_at_its_deadline_and_never_runs(batched):
     flood = Flood(batched.endpoint, 1)
     try:
-        running = flood.send(0, feed(SLOW_N))  # takes the only batch thread for ~1.5 s
-        time.sleep(0.3)
+        model = ModelRunning(batched)
+        running = flood.send(0, feed(SLOW_N))  # takes the only batch thread for ~1.5 s of CPU
+        model.wait()  # else the late request could join the running one's batch, and run
         late = flood.send(0, feed(SLOW_N), timeout_ms=400)  # would take another ~1.5 s if it ran
         after = flood.send(0, feed(1))  # joins the late request's batch
         waited, header = flood.reply(late)
@@ -288,12 +316,14 @@ def test_request_expiring_in_the_batching_queue_gets_504_at_its_deadline_and_nev
         after_s, after_header = flood.reply(after, 60)
     finally:
         flood.close()
+    # Seconds from sending the late (and the after) request to the running batch's reply.
+    late_gap, after_gap = (flood.sent[rid] - flood.sent[running] for rid in (late, after))
     assert header["code"] == 504 and "batching queue" in header["message"] and "not run" in header["message"], header
-    assert waited < running_s - 0.3, "the 504 waited for the running batch instead of coming at the deadline"
+    assert waited < running_s - late_gap, "the 504 waited for the running batch instead of coming at the deadline"
     assert running_header["code"] == 200 and after_header["code"] == 200
     # The batch that ran held only the request that had not expired, and it was quick.
     assert after_header["batch_size"] == 1
-    assert after_s - (running_s - 0.3) < 0.75 * (running_s - 0.3)
+    assert after_s - (running_s - after_gap) < 0.75 * (running_s - after_gap)
     with batched.client(5.0) as c:  # the worker went on heartbeating while its batch thread was busy
         (worker,) = c.status()["workers"]
     assert worker["restarts"] == 0 and worker["state"] == "READY"
@@ -308,4 +338,4 @@ def test_retries_after_429_are_served_once_the_burst_is_over(batched):
                 break
             except ServeError as exc:
                 assert exc.retryable and time.monotonic() < deadline, exc
-                time.sleep(0.1)
+                time.sleep(0.1)  # a client's pause between retries, not an ordering of events

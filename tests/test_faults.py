@@ -6,14 +6,13 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import numpy as np
 import psutil
 import pytest
 
 from sgserve.errors import ServeError
-from tests.conftest import demo_inputs, group_alive, sgserve_segments
+from tests.conftest import demo_inputs, group_alive, sgserve_segments, wait_until
 
 
 def cli(*args: str, cache: str | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
@@ -47,9 +46,10 @@ def test_kill_9_worker_under_load(start_server):
     threads = [threading.Thread(target=load, args=(k,)) for k in range(6)]
     for t in threads:
         t.start()
-    time.sleep(1.5)
+    wait_until(lambda: len(results) >= 10, 60, "requests answered before the kill")
     os.kill(old_pids[0], signal.SIGKILL)
-    time.sleep(1.5)
+    at_kill = len(results)
+    wait_until(lambda: len(results) >= at_kill + 20, 60, "requests answered after the kill")
     stop.set()
     for t in threads:
         t.join(30)
@@ -57,16 +57,12 @@ def test_kill_9_worker_under_load(start_server):
     assert len(results) > 20
     # Every request got an answer; those held by the dead worker were retried on the other one.
     assert results.count("200") == len(results), {c: results.count(c) for c in set(results)}
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+    def worker_0_back() -> dict | None:
         with srv.client(5.0) as c:
-            st = c.status()
-        w0 = st["workers"][0]
-        if w0["state"] == "READY" and w0["pid"] not in old_pids:
-            break
-        time.sleep(0.5)
-    else:
-        pytest.fail(f"worker 0 did not come back: {st['workers']}")
+            w = c.status()["workers"][0]
+        return w if w["state"] == "READY" and w["pid"] not in old_pids else None
+
+    w0 = wait_until(worker_0_back, 60, "worker 0 to come back", interval=0.5)
     assert w0["restarts"] >= 1 and w0["cores"] == [0]
     with srv.client() as c:
         seen = {c.predict_full("demo", demo_inputs(1, i)).worker for i in range(6)}
@@ -81,11 +77,10 @@ def test_kill_9_server_leaves_nothing_the_next_start_cannot_clean(start_server, 
     a_segs = {n for n in mine if n.startswith(f"sgserve_{a.proc.pid}_")}
     assert len(a_segs) == 1
     os.kill(a.proc.pid, signal.SIGKILL)  # the server only: its workers must follow it
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"
-                                              for p in workers):
-        time.sleep(0.2)
-    assert not [p for p in workers if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+    def live_workers() -> list[int]:
+        return [p for p in workers if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+
+    wait_until(lambda: not live_workers(), 15, f"workers {workers} to follow the killed server", interval=0.2)
     assert a_segs <= sgserve_segments()  # left behind by the killed server...
     b = start_server(["--model-base-path", hpt, "--workers", "1"])
     assert not (a_segs & sgserve_segments())  # ...and removed by the next start

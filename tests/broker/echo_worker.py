@@ -1,41 +1,141 @@
-"""A scripted stand-in for ``sgserve.worker``: a real process that speaks the backend protocol.
+"""The worker the broker tests start: sgserve's own worker process and serve loop over echo models.
 
-It echoes a request's inputs back as its outputs (same frames), so tests can check routing and
-payload handling without TensorFlow. The broker starts it as ``python echo_worker.py [options] SPEC``
-(the Supervisor appends the WorkerSpec JSON to its command).
+The broker starts it as ``python echo_worker.py [options] SPEC`` (the Supervisor appends the
+WorkerSpec JSON to its command). Everything that crosses the backend socket is
+``sgserve.worker.serve.WorkerProcess``'s own code, unchanged: boot (die with the parent, pinning,
+exit codes), READY, heartbeats, reading the route frame, the deadline check, resolving the model and
+signature (404s), decoding and checking the tensors (400s), reply frames and headers, error replies,
+W_LOAD/W_UNLOAD and W_STOP. So a change of the worker's side of the protocol shows in the broker tests.
 
-Options (before SPEC):
+Only the model is a stand-in: every version in the spec is an ``EchoVersion`` whose signatures
+return their inputs as outputs, so a test can send any tensors and check that its own frames come
+back. Why not a real SavedModel: importing TensorFlow costs each worker process about 4 s of CPU, and
+the broker tests start about 80 of them; and the tests send one signature float32, int64, uint8 and
+string tensors, which no real signature takes. The real model path is covered end to end by the
+tests that start ``sgserve start`` (tests/test_server.py and others).
+
+Fault switches (before SPEC), applied around the real worker:
   --boot-exit N        exit with code N instead of booting (with --only-index, just that worker)
-  --boot-delay S       sleep S seconds before READY
+  --boot-delay S       sleep S seconds before booting
   --only-index I       apply --boot-exit / --boot-delay / --silent to worker I only
-  --silent             never send heartbeats (the broker should expire and replace it)
+  --silent             never send heartbeats: the real loop runs with a heartbeat interval of a day
+                       (the broker should expire and replace it)
   --restart-delay S    with --state-dir DIR: a restarted worker (DIR/booted-INDEX exists) sleeps S
-                       seconds before READY
+                       seconds before booting
 
-Per request, special input names:
-  sleep_s  float32 scalar: sleep that long before replying
+Per request, special input names (the echo model's behaviour, run on the serve loop's thread as a
+real model would be):
+  sleep_s  float32 scalar: sleep that long, then echo
   crash    anything: exit(1) at once, holding the request
+
+Each 200 reply also carries ``broker``: what the broker put in the route frame and header for the
+worker (signature, deadline, attempt, routing_key), so tests can check what the broker stamped.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import struct
 import sys
 import time
+from typing import Any, Sequence
 
 import msgpack
-import zmq
+import numpy as np
 
+from sgserve import protocol
 from sgserve.config import WorkerSpec
-from sgserve.errors import ServeError
-from sgserve.protocol import (DEFAULT_SIGNATURE, W_HEARTBEAT, W_READY, W_REQUEST, W_STOP, check_tensors, parse_route,
-                              reply_frame)
+from sgserve.errors import InvalidArgument
+from sgserve.worker import serve as worker_serve
+from sgserve.worker import zygote
 
-ORPHAN_AFTER = 10.0  # seconds without hearing from the broker before exiting: never outlive a test
+SILENT_INTERVAL = 86400.0  # seconds between heartbeats of a --silent worker: never, in a test
 
 
-def main(argv: list[str]) -> int:
+class EchoSignature:
+    """A signature that returns its inputs, through the same entry point as SignatureRunner."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def run_wire(self, metas: Any, payload: Sequence[Any], output_filter: Any = None) -> dict[str, np.ndarray]:
+        arrays = protocol.decode_tensors(metas, payload)  # the worker's own checks and 400s
+        if "crash" in arrays:
+            os._exit(1)
+        if "sleep_s" in arrays:
+            time.sleep(float(arrays["sleep_s"]))
+        if not output_filter:  # nil and [] both mean all outputs (docs/protocol.md)
+            return arrays
+        unknown = [o for o in output_filter if o not in arrays]
+        if unknown:
+            raise InvalidArgument(f"output_filter names unknown output(s) {unknown}; "
+                                  f"signature '{self.name}' has {sorted(arrays)}")
+        return {n: a for n, a in arrays.items() if n in output_filter}
+
+
+class EchoVersion:
+    """One model version from the spec, with an echo signature for each signature it declares."""
+
+    def __init__(self, model: dict[str, Any]) -> None:
+        self.name = model["name"]
+        self.version = int(model["version"])
+        self.signatures = {s: EchoSignature(s) for s in model.get("signatures") or {protocol.DEFAULT_SIGNATURE: {}}}
+        self.warmed = {"requests": 0, "source": "echo model"}
+
+    def rewarm(self) -> None:
+        """Nothing to warm."""
+
+
+class EchoWorker(worker_serve.WorkerProcess):
+    """The real worker with echo versions, and the broker's route echoed in each 200 reply."""
+
+    _route: tuple[int, int, float | None, int] | None = None
+
+    def load_version(self, model: dict[str, Any]) -> EchoVersion:
+        return EchoVersion(model)
+
+    def _on_message(self, sock: Any, frames: list[Any]) -> bool:
+        head = frames[0].bytes
+        if head[:1] == protocol.W_REQUEST and len(head) == protocol.ROUTE.size:
+            self._route = protocol.parse_route(head)
+        return super()._on_message(sock, frames)
+
+    def handle(self, version: int, deadline: float | None, header_frame: Any, payload: list[Any]) -> list[Any]:
+        reply = super().handle(version, deadline, header_frame, payload)
+        header = msgpack.unpackb(protocol.frame_bytes(reply[0]), raw=False)
+        if header.get("code") != 200:
+            return reply
+        request = msgpack.unpackb(protocol.frame_bytes(header_frame), raw=False, strict_map_key=False)
+        header["broker"] = {"signature": request.get("signature") or protocol.DEFAULT_SIGNATURE,
+                            "deadline": deadline, "attempt": self._route[3] if self._route else None,
+                            "routing_key": request.get("routing_key")}
+        return [msgpack.packb(header, use_bin_type=True), *reply[1:]]
+
+
+class _NoTensorFlow:
+    """What boot() calls on TensorFlow, for a worker whose models are echoes."""
+
+    def get_logger(self) -> "_NoTensorFlow":
+        return self
+
+    def setLevel(self, level: Any) -> None:  # noqa: N802 - logging's name
+        pass
+
+    @property
+    def config(self) -> "_NoTensorFlow":
+        return self
+
+    @property
+    def threading(self) -> "_NoTensorFlow":
+        return self
+
+    def set_intra_op_parallelism_threads(self, n: int) -> None:
+        pass
+
+    def set_inter_op_parallelism_threads(self, n: int) -> None:
+        pass
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--boot-exit", type=int)
     parser.add_argument("--boot-delay", type=float, default=0.0)
@@ -44,7 +144,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--restart-delay", type=float, default=0.0)
     parser.add_argument("--state-dir")
     parser.add_argument("spec")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
     spec = WorkerSpec.from_json(args.spec)
     targeted = args.only_index is None or args.only_index == spec.index
     if targeted and args.boot_delay:
@@ -52,67 +156,18 @@ def main(argv: list[str]) -> int:
     if targeted and args.boot_exit is not None:
         print(f"echo worker {spec.index}: failing boot with exit code {args.boot_exit}", file=sys.stderr)
         return args.boot_exit
-    silent = targeted and args.silent
+    if targeted and args.silent:
+        spec.heartbeat_interval = SILENT_INTERVAL
     if args.state_dir:
         marker = os.path.join(args.state_dir, f"booted-{spec.index}")
         if os.path.exists(marker):
             time.sleep(args.restart_delay)
         else:
             open(marker, "w").close()
-
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.IDENTITY, f"w{spec.index}-{os.getpid()}".encode())
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(spec.backend)
-    sock.send_multipart([W_READY, msgpack.packb({"index": spec.index, "pid": os.getpid(), "cores": spec.cores})])
-    interval_ms = spec.heartbeat_interval * 1000.0
-    heard = time.monotonic()
-    while True:
-        if not sock.poll(interval_ms):
-            if time.monotonic() - heard > ORPHAN_AFTER:
-                return 0
-            if not silent:
-                sock.send(W_HEARTBEAT)
-            continue
-        frames = sock.recv_multipart(copy=False)
-        heard = time.monotonic()
-        command = frames[0].bytes[:1]
-        if command == W_STOP:
-            return 0
-        if command == W_REQUEST:
-            serve(sock, spec, frames[0].bytes, msgpack.unpackb(frames[1].bytes, raw=False), frames[2:])
-
-
-def serve(sock: zmq.Socket, spec: WorkerSpec, route: bytes, header: dict, payload: list) -> None:
-    rid, version, deadline, attempt = parse_route(route)
-    reply = {"id": header.get("id"), "model": header.get("model"), "version": version, "worker": spec.index}
-    try:  # the worker validates tensor frames (the broker no longer does): the same check as sgserve's
-        check_tensors(header.get("inputs"), payload)
-    except ServeError as exc:
-        reply.update(code=exc.code, message=exc.message)
-        sock.send_multipart([reply_frame(rid), msgpack.packb(reply)])
-        return
-    metas = header.get("inputs") or []
-    names = [m["name"] for m in metas]
-    if "crash" in names:
-        os._exit(1)
-    if "sleep_s" in names:
-        time.sleep(struct.unpack("<f", payload[names.index("sleep_s")].bytes[:4])[0])
-    if deadline is not None and time.time() > deadline:
-        reply.update(code=504, message="deadline exceeded before the worker ran the request")
-        sock.send_multipart([reply_frame(rid), msgpack.packb(reply)])
-        return
-    wanted = header.get("output_filter")
-    outputs, frames = [], []
-    for meta, frame in zip(metas, payload):
-        if wanted is None or meta["name"] in wanted:
-            outputs.append(meta)
-            frames.append(frame)
-    reply.update(code=200, message="", outputs=outputs,
-                 broker={"signature": header.get("signature") or DEFAULT_SIGNATURE, "deadline": deadline,
-                         "attempt": attempt, "routing_key": header.get("routing_key")})
-    sock.send_multipart([reply_frame(rid), msgpack.packb(reply, use_bin_type=True), *frames], copy=False)
+    zygote.import_tensorflow = _NoTensorFlow  # boot() imports TensorFlow through this; echoes need none
+    worker = EchoWorker(spec)
+    code = worker.boot()
+    return code if code != worker_serve.EXIT_OK else worker.serve()
 
 
 if __name__ == "__main__":

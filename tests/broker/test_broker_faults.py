@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import sgserve.broker.supervisor as supervisor_module
-from broker_helpers import ECHO_WORKER, demo_models, descendants, predict_header, recv, send, test_config
+from broker_helpers import ECHO_WORKER, descendants, fixed_manager, predict_header, recv, send, test_config
 from sgserve.broker.broker import BindError, Broker
 from sgserve.process import EXIT_BOOT_ERROR, EXIT_MODEL_ERROR
 
@@ -134,7 +134,7 @@ def test_graceful_stop_drains_then_leaves_no_process(start_broker) -> None:
     send(busy, header, frames)
     server.wait_for(lambda: server.broker.table.inflight_count() == 1, what="request in flight")
     server.broker.request_stop()
-    time.sleep(0.1)
+    server.wait_for(lambda: server.broker.core.stopping, what="the broker draining")
     header, frames = predict_header(2)
     send(late, header, frames)
     assert recv(late)[0] == {"id": 2, "code": 503, "message": "server is shutting down"}
@@ -173,7 +173,7 @@ def test_shutdown_request(start_broker) -> None:
 
 def test_stop_before_workers_are_ready(start_broker) -> None:
     server = start_broker(workers=2, worker_args=["--boot-delay", "20"], wait_ready=False)
-    time.sleep(0.2)
+    server.wait_for(lambda: all(s.pid for s in server.broker.table), what="both workers started")
     started = time.monotonic()
     server.broker.request_stop()
     server.thread.join(10)
@@ -182,21 +182,22 @@ def test_stop_before_workers_are_ready(start_broker) -> None:
     assert descendants() == []
 
 
-def test_port_in_use_raises_before_spawning() -> None:
+def test_port_in_use_raises_before_spawning(tmp_path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
         endpoint = f"tcp://127.0.0.1:{s.getsockname()[1]}"
         with pytest.raises(BindError, match=f"cannot bind the frontend .* to {endpoint}"):
-            Broker(test_config(endpoint=endpoint), demo_models(), server_id="t",
+            Broker(test_config(endpoint=endpoint), fixed_manager(test_config(endpoint=endpoint), str(tmp_path)),
+                   server_id="t",
                    backend_endpoint=f"ipc:///tmp/sgs-test-{uuid.uuid4().hex[:8]}.sock",
                    worker_command=[sys.executable, ECHO_WORKER])
     assert descendants() == []
 
 
-def test_unknown_policy_fails_at_construction() -> None:
+def test_unknown_policy_fails_at_construction(tmp_path) -> None:
     with pytest.raises(ValueError, match="cannot load dispatch policy 'nowhere.mod:fn'"):
-        Broker(test_config(policy="nowhere.mod:fn"), demo_models(), server_id="t",
+        Broker(test_config(policy="nowhere.mod:fn"), fixed_manager(test_config(), str(tmp_path)), server_id="t",
                backend_endpoint="tcp://127.0.0.1:*")
 
 

@@ -123,7 +123,18 @@ def test_version_pinning_and_output_filter(start_broker) -> None:
     sock = server.socket()
     reply, _ = ask(sock, 1, version=1)
     assert reply["version"] == 1
+    # [] means all outputs (docs/protocol.md), as nil does; a named filter keeps only those
     header, frames = predict_header(2, output_filter=[])
     send(sock, header, frames)
     reply, payload = recv(sock)
-    assert reply["outputs"] == [] and payload == []
+    assert reply["outputs"] == [{"name": "x", "dtype": "float32", "shape": [3]}] and payload == frames
+    header, frames = predict_header(3, inputs=[{"name": "x", "dtype": "float32", "shape": [3]},
+                                               {"name": "y", "dtype": "float32", "shape": [3]}],
+                                    output_filter=["y"])
+    send(sock, header, frames * 2)
+    reply, payload = recv(sock)
+    assert reply["outputs"] == [{"name": "y", "dtype": "float32", "shape": [3]}] and payload == frames
+    header, frames = predict_header(4, output_filter=["nope"])
+    send(sock, header, frames)
+    reply, payload = recv(sock)
+    assert reply["code"] == 400 and "unknown output(s) ['nope']" in reply["message"] and payload == []

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from sgserve.models import checkpoint_index
+from tests.conftest import import_required
 from sgserve.models.checkpoint_index import CheckpointIndexError, TensorEntry, changed_keys, read_index
 
-tf = pytest.importorskip("tensorflow")
+tf = import_required("tensorflow")
 
 COUNTER = "save_counter/.ATTRIBUTES/VARIABLE_VALUE"
 OBJECT_GRAPH = "_CHECKPOINTABLE_OBJECT_GRAPH"

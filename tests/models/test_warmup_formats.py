@@ -9,12 +9,16 @@ import os
 import numpy as np
 import pytest
 
-from sgserve.models.warmup import (MAX_WARMUP_RECORDS, WarmupFormatError, read_sgserve_warmup, read_tfserving_warmup,
-                            tfserving_warmup_path)
+from sgserve.models.warmup import (MAX_WARMUP_RECORDS, WarmupFormatError, read_sgserve_warmup,
+                                   read_tfserving_warmup, tfserving_warmup_path)
 
-tf = pytest.importorskip("tensorflow")
-prediction_log_pb2 = pytest.importorskip("tensorflow_serving.apis.prediction_log_pb2")
-from tensorflow_serving.apis import classification_pb2, predict_pb2  # noqa: E402
+from tests.conftest import import_required
+
+# Required, not skipped: a broken install must fail the suite (scripts/setup.sh installs them).
+tf = import_required("tensorflow")
+prediction_log_pb2 = import_required("tensorflow_serving.apis.prediction_log_pb2")
+classification_pb2 = import_required("tensorflow_serving.apis.classification_pb2")
+predict_pb2 = import_required("tensorflow_serving.apis.predict_pb2")
 
 
 def predict_log(signature: str, inputs: dict[str, np.ndarray], model: str = "ranker") -> bytes:

@@ -319,8 +319,19 @@ def test_large_requests_are_split_and_joined_back(padding_server, models):
 
 
 def start_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sgserve.cli", "start", "--endpoint", "tcp://127.0.0.1:1", *args],
-                          capture_output=True, text=True, timeout=120)
+    """``sgserve start`` that is expected to fail; the result's ``segment_prefix`` names the
+    segments this server would have made (other tests may run servers meanwhile)."""
+    proc = subprocess.Popen([sys.executable, "-m", "sgserve.cli", "start", "--endpoint", "tcp://127.0.0.1:1", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    result = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    result.segment_prefix = f"sgserve_{proc.pid}_"  # type: ignore[attr-defined]
+    return result
 
 
 @pytest.mark.parametrize("text,fragment", [
@@ -335,7 +346,8 @@ def test_bad_batching_parameters_file_exits_2_naming_the_line(tmp_path, text, fr
     r = start_cli("--enable-batching", "--batching-parameters-file", path)
     assert r.returncode == 2, r.stderr
     assert f"{path}{fragment}" in r.stderr, r.stderr
-    assert "loaded model" not in r.stderr and sgserve_segments() <= before  # refused before any model loads
+    made = {n for n in sgserve_segments() - before if n.startswith(r.segment_prefix)}
+    assert "loaded model" not in r.stderr and not made  # refused before any model loads
 
 
 def test_batching_file_without_enable_batching_or_unreadable_is_refused(tmp_path):
