@@ -332,10 +332,6 @@ def split_envelope(frames: Sequence[Any]) -> tuple[Envelope, list[Any]]:
     return Envelope(ident, False), list(frames[1:])
 
 
-def request_id_bytes(n: int) -> bytes:
-    return n.to_bytes(8, "little")
-
-
 # -- frame I/O: one helper for the client, the broker and the workers ------------------------------
 _SNDMORE = int(zmq.SNDMORE)
 # pyzmq's Cython send, under the Python-level Socket.send (which only adds DRAFT routing_id/group

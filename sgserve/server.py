@@ -158,13 +158,22 @@ def remove_own_segments(sid: str) -> None:
             shared_segment.unlink(name)
 
 
-def run(config: ServerConfig, *, worker_command: list[str] | None = None,
-        on_ready: Callable[[], None] | None = None) -> int:
-    from sgserve.broker.broker import Broker  # noqa: PLC0415
-    from sgserve.broker.supervisor import assign_cores  # noqa: PLC0415
-    from sgserve.broker.policies import load_policy  # noqa: PLC0415
+@dataclasses.dataclass
+class _Checked:
+    """What run() needs, each part checked before anything is loaded."""
 
-    # Everything that can be wrong with the settings fails now, not after a long model load.
+    config: ServerConfig
+    cores: list[list[int]]
+    policy: Any
+    models: list[ModelConfig]
+    config_text: str | None
+
+
+def check(config: ServerConfig) -> _Checked:
+    """Everything that can be wrong with the settings fails now, not after a long model load."""
+    from sgserve.broker.policies import load_policy  # noqa: PLC0415
+    from sgserve.broker.supervisor import assign_cores  # noqa: PLC0415
+
     config = resolve_batching(config)
     if config.batching_parameters is not None:
         log.info("batching in every worker: %s; up to %d requests per worker",
@@ -180,6 +189,22 @@ def run(config: ServerConfig, *, worker_command: list[str] | None = None,
                           f"got {config.version_transition!r}")
     models, config_text = model_configs(config)
     check_endpoint_free(config.endpoint)
+    return _Checked(config, cores, policy, models, config_text)
+
+
+def announce_serving(config: ServerConfig, specs: list[ModelSpec]) -> None:
+    served = ", ".join(f"'{s.name}' version {s.version}" for s in specs) or "no models"
+    mib = sum(s.own_bytes if s.own_bytes >= 0 else s.segment_bytes for s in specs) / 2**20
+    announce("serving %s (%.1f MiB shared) with %d worker(s) x %d core(s) on %s", served, mib,
+             config.workers, config.cpus_per_worker, config.endpoint)
+
+
+def run(config: ServerConfig, *, worker_command: list[str] | None = None,
+        on_ready: Callable[[], None] | None = None) -> int:
+    from sgserve.broker.broker import Broker  # noqa: PLC0415
+
+    checked = check(config)
+    config = checked.config
     shared_segment.remove_stale_segments()
     sid = shared_segment.server_id()
     runtime_dir = shared_segment.runtime_dir(sid)
@@ -196,24 +221,21 @@ def run(config: ServerConfig, *, worker_command: list[str] | None = None,
     loader = LoaderService(sid)  # loads the first versions now, and every update later
     manager = None
     try:
-        specs = load_initial(config, models, loader)
-        manager = ModelManager(config, server_id=sid, models=models, initial=specs, config_text=config_text,
-                               loader=loader, loader_cores=spare_cores(cores))
+        specs = load_initial(config, checked.models, loader)
+        manager = ModelManager(config, server_id=sid, models=checked.models, initial=specs,
+                               config_text=checked.config_text, loader=loader, loader_cores=spare_cores(checked.cores))
         try:
-            manager.check_labels(models)
+            manager.check_labels(checked.models)
         except ModelConfigError as exc:
             raise ConfigError(str(exc)) from None
 
         def ready() -> None:
-            served = ", ".join(f"'{s.name}' version {s.version}" for s in specs) or "no models"
-            mib = sum(s.own_bytes if s.own_bytes >= 0 else s.segment_bytes for s in specs) / 2**20
-            announce("serving %s (%.1f MiB shared) with %d worker(s) x %d core(s) on %s", served, mib,
-                     config.workers, config.cpus_per_worker, config.endpoint)
+            announce_serving(config, specs)
             if on_ready:
                 on_ready()
 
         broker = Broker(config, manager, server_id=sid, backend_endpoint=f"ipc://{runtime_dir}/backend",
-                        worker_command=worker_command, on_ready=ready, cores=cores, policy=policy)
+                        worker_command=worker_command, on_ready=ready, cores=checked.cores, policy=checked.policy)
         rc = broker.run()
         if rc != 0 and getattr(broker, "fatal_error", None):
             log.error("%s", broker.fatal_error)

@@ -138,7 +138,7 @@ def test_heartbeat_setting_reaches_the_worker_spec() -> None:
     config = settings.config_from_options(start_params(["--heartbeat-interval", "0.3", "--worker-pipeline", "3"]))
     table = WorkerTable(config.workers, config.worker_pipeline)
     slot = table.add(0, [0])
-    sup = Supervisor(config, [], table, backend_endpoint="ipc:///tmp/sgserve-test-x", server_id="sid")
+    sup = Supervisor(config, lambda _index: [], table, backend_endpoint="ipc:///tmp/sgserve-test-x", server_id="sid")
     assert WorkerSpec.from_json(sup.worker_spec(slot).to_json()).heartbeat_interval == 0.3
     assert table.pipeline == 3
 

@@ -229,7 +229,7 @@ class Supervisor:
     """Starts worker processes at table slots and decides what a death means."""
 
     def __init__(self, config: ServerConfig,
-                 models: Callable[[int], Sequence[ModelSpec]] | Sequence[ModelSpec], table: WorkerTable, *,
+                 models: Callable[[int], Sequence[ModelSpec]], table: WorkerTable, *,
                  backend_endpoint: str, server_id: str, command: Sequence[str] | None = None) -> None:
         self.config = config
         self.table = table
@@ -237,7 +237,7 @@ class Supervisor:
         self.server_id = server_id
         self.command = list(command) if command else list(DEFAULT_WORKER_COMMAND)
         # What a worker started now must load: the versions it will serve (they change over time).
-        self._models = models if callable(models) else (lambda _index, fixed=list(models): fixed)
+        self._models = models
         self._env = child_env()
         self._procs: set[subprocess.Popen] = set()  # every process spawned and not yet reaped
         self._deaths: dict[int, collections.deque[float]] = collections.defaultdict(collections.deque)

@@ -32,7 +32,7 @@ def test_worker_spec_and_command() -> None:
     table = WorkerTable(2, 2)
     table.add(0, [0])
     slot = table.add(1, [5])
-    sup = Supervisor(config, demo_models(), table, backend_endpoint="ipc:///tmp/x", server_id="sid")
+    sup = Supervisor(config, lambda _index: demo_models(), table, backend_endpoint="ipc:///tmp/x", server_id="sid")
     assert sup.command == list(DEFAULT_WORKER_COMMAND) == [sys.executable, "-m", "sgserve.worker"]
     spec = WorkerSpec.from_json(sup.worker_spec(slot).to_json())
     assert spec.index == 1 and spec.cores == [5] and spec.backend == "ipc:///tmp/x"
@@ -40,7 +40,7 @@ def test_worker_spec_and_command() -> None:
     assert spec.intra_op_threads == 3 and spec.inter_op_threads == 1
     assert [m["version"] for m in spec.models] == [1, 2, 7]
     json.loads(sup.worker_spec(slot).to_json())  # plain JSON on the command line
-    custom = Supervisor(config, demo_models(), table, backend_endpoint="x", server_id="s",
+    custom = Supervisor(config, lambda _index: demo_models(), table, backend_endpoint="x", server_id="s",
                         command=["/bin/echo", "hi"])
     assert custom.command == ["/bin/echo", "hi"]
 

@@ -5,7 +5,7 @@ import pytest
 
 from sgserve.broker.policies import DispatchRequest
 from sgserve.broker.worker_table import WorkerState, WorkerTable
-from sgserve.protocol import Envelope, request_id_bytes
+from sgserve.protocol import Envelope
 
 
 class FakeProcess:
@@ -14,7 +14,7 @@ class FakeProcess:
 
 
 def request(n: int, sent_at: float = 0.0) -> DispatchRequest:
-    return DispatchRequest(rid=request_id_bytes(n), envelope=Envelope([b"c"], False), header={"id": n},
+    return DispatchRequest(rid=n, envelope=Envelope([b"c"], False), header={"id": n},
                            payload=[], model="m", version=1, signature="serving_default", routing_key=None,
                            client_id=b"c", deadline=None, received_at=0.0, sent_at=sent_at)
 
@@ -53,9 +53,9 @@ def test_busy_until_pipeline_full_then_idle() -> None:
     assert table.free() == (table.get(1),)
     with pytest.raises(ValueError, match="cannot take a request"):
         table.mark_busy(s0, request(3))
-    assert table.holder(request_id_bytes(1)) is s0
+    assert table.holder(1) is s0
     assert table.inflight_count() == 2
-    done = table.mark_idle(request_id_bytes(1), b"w0-100", now=2.0)
+    done = table.mark_idle(1, b"w0-100", now=2.0)
     assert done is not None and done.header["id"] == 1
     assert s0.served == 1 and s0.last_progress == 2.0
     assert table.free() == (s0, table.get(1))
@@ -64,8 +64,8 @@ def test_busy_until_pipeline_full_then_idle() -> None:
 def test_reply_for_unknown_rid_or_wrong_worker_is_refused() -> None:
     table = ready_table(2)
     table.mark_busy(table.get(0), request(1))
-    assert table.mark_idle(request_id_bytes(99), b"w0-100", now=1.0) is None
-    assert table.mark_idle(request_id_bytes(1), b"w1-101", now=1.0) is None, "only the holder may answer"
+    assert table.mark_idle(99, b"w0-100", now=1.0) is None
+    assert table.mark_idle(1, b"w1-101", now=1.0) is None, "only the holder may answer"
     assert table.inflight_count() == 1
 
 
@@ -77,11 +77,11 @@ def test_mark_dead_returns_orphans_and_forgets_them() -> None:
     orphans = table.mark_dead(s0)
     assert [r.header["id"] for r in orphans] == [1, 2]
     assert s0.state is WorkerState.DEAD and not s0.inflight
-    assert table.holder(request_id_bytes(1)) is None
+    assert table.holder(1) is None
     assert table.by_identity(b"w0-100") is None
     assert table.free() == (table.get(1),)
     # a late reply from the dead worker is not ours any more
-    assert table.mark_idle(request_id_bytes(1), b"w0-100", now=3.0) is None
+    assert table.mark_idle(1, b"w0-100", now=3.0) is None
     # and the slot can be respawned at the same index with the same cores
     table.spawned(s0, FakeProcess(200), now=4.0)
     assert s0.restarts == 1 and s0.cores == [0] and s0.state is WorkerState.STARTING
@@ -113,7 +113,7 @@ def test_expired_hung_and_overdue() -> None:
     assert table.hung(now=11.5, timeout=6.0) == [s2]
     # progress (a reply) restarts the hang clock for the next request held
     table.mark_busy(s2, request(2, sent_at=6.0))
-    table.mark_idle(request_id_bytes(1), b"w2-102", now=11.0)
+    table.mark_idle(1, b"w2-102", now=11.0)
     assert table.hung(now=12.0, timeout=6.0) == []
     table.mark_dead(s1)
     table.spawned(s1, FakeProcess(300), now=20.0)
