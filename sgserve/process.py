@@ -154,17 +154,31 @@ def without_tensorflow_chatter(data: bytes, min_level: int) -> bytes:
     return b"".join(kept)
 
 
+def _thread_ids() -> list[int]:
+    """Every thread of this process (0, this thread, where /proc is not there)."""
+    try:
+        return [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        return [0]
+
+
+def to_background(cores: list[int]) -> None:
+    """The given cores (if any) and the lowest CPU priority, for every thread of this process."""
+    for tid in _thread_ids() if cores else ():
+        try:
+            os.sched_setaffinity(tid, cores)
+        except OSError:
+            pass
+    lowest_priority()
+
+
 def lowest_priority() -> None:
     """SCHED_IDLE for every thread of this process: only CPU time the workers leave idle.
 
     A thread inherits its creator's policy, but threads started at import time (numpy's BLAS pool)
     exist before this runs, so each one is set; call again after imports that start threads.
     """
-    try:
-        tids = [int(t) for t in os.listdir("/proc/self/task")]
-    except OSError:
-        tids = [0]
-    for tid in tids:
+    for tid in _thread_ids():
         try:
             os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
         except (AttributeError, OSError):

@@ -26,7 +26,7 @@ from sgserve.models import shared_segment
 from sgserve.config import ModelSpec
 from sgserve.errors import NotFound
 from sgserve.logs import setup_logging
-from sgserve.process import die_with_parent, lowest_priority, tensorflow_import_quiet
+from sgserve.process import die_with_parent, lowest_priority, tensorflow_import_quiet, to_background
 
 log = logging.getLogger(__name__)
 
@@ -312,7 +312,7 @@ def main(server_id: str, background: bool, cores: str | None) -> None:
     setup_logging("loader")
     die_with_parent()
     if background:
-        _to_background([int(c) for c in cores.split(",")] if cores else [])
+        to_background([int(c) for c in cores.split(",")] if cores else [])
     sys.exit(serve_jobs(server_id, background))
 
 
@@ -345,7 +345,7 @@ def serve_jobs(sid: str, background: bool = False) -> int:
             job = json.loads(line)
             if job.get("background"):
                 background = True
-                _to_background(job.get("cores") or [])
+                to_background(job.get("cores") or [])
             spec = _run_job(job, sid)
             answer = {"ok": True, "spec": spec.to_dict()}
         except Exception as exc:  # noqa: BLE001 - one bad version must not stop the service
@@ -367,21 +367,6 @@ def _run_job(job: dict[str, Any], sid: str) -> ModelSpec:
     if not os.path.isdir(os.path.join(base, str(version))):
         raise ModelNotFound(f"version {version} of model '{job['name']}' not found under {base}")
     return load_version(job["name"], base, int(version), sid, base_segment=job.get("base_segment"))
-
-
-def _to_background(cores: list[int]) -> None:
-    """Lowest CPU priority, and the given cores, for every thread of this process."""
-    if cores:
-        try:
-            tids = [int(t) for t in os.listdir("/proc/self/task")]
-        except OSError:
-            tids = [0]
-        for tid in tids:
-            try:
-                os.sched_setaffinity(tid, cores)
-            except OSError:
-                pass
-    lowest_priority()
 
 
 def _private_stdout() -> TextIO:
