@@ -314,7 +314,7 @@ class Broker:
             return
         self._next_heartbeat = now + self.config.heartbeat_interval
         for slot in self.table:
-            if slot.identity is not None and slot.state in (WorkerState.READY, WorkerState.DRAINING):
+            if slot.identity is not None and slot.state is WorkerState.READY:
                 if not self._send_worker(slot.identity, [W_HEARTBEAT]):
                     self.core.worker_lost(slot, "disconnected from the broker")
 
@@ -358,7 +358,7 @@ class Broker:
             if self.fatal_error is not None:
                 reason += f": {self.fatal_error}"
             for slot in self.table:
-                if slot.identity is not None and slot.state in (WorkerState.READY, WorkerState.DRAINING):
+                if slot.identity is not None and slot.state is WorkerState.READY:
                     self._send_worker(slot.identity, [W_STOP])
             self.core.fail_all(reason)
         except Exception:  # noqa: BLE001

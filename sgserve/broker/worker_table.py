@@ -21,7 +21,6 @@ if TYPE_CHECKING:
 class WorkerState(str, enum.Enum):
     STARTING = "STARTING"  # process spawned, READY not received yet
     READY = "READY"  # connected and serving
-    DRAINING = "DRAINING"  # told to stop (W_STOP): finishes what it holds, takes nothing new
     DEAD = "DEAD"  # exited, expired or hung; waiting for the supervisor to replace it
 
 
@@ -94,9 +93,6 @@ class WorkerTable:
     def by_identity(self, identity: bytes) -> WorkerSlot | None:
         return self._by_identity.get(identity)
 
-    def holder(self, rid: Hashable) -> WorkerSlot | None:
-        return self._by_rid.get(rid)
-
     def free(self) -> Sequence[WorkerSlot]:
         """READY slots with capacity, sorted by index (a tuple: policies cannot edit it)."""
         view = self._free_view
@@ -115,7 +111,7 @@ class WorkerTable:
 
     def expired(self, now: float, silence: float) -> list[WorkerSlot]:
         """Idle connected workers that have said nothing for ``silence`` seconds."""
-        return [s for s in self if s.state in (WorkerState.READY, WorkerState.DRAINING)
+        return [s for s in self if s.state is WorkerState.READY
                 and not s.inflight and now - s.last_seen > silence]
 
     def hung(self, now: float, timeout: float) -> list[WorkerSlot]:
@@ -246,11 +242,6 @@ class WorkerTable:
     def forget_version(self, slot: WorkerSlot, key: tuple[str, int]) -> None:
         """Counts ``key`` as gone from a worker that cannot be told to drop it (dead, unreachable)."""
         slot.versions.discard(key)
-
-    def mark_draining(self, slot: WorkerSlot) -> None:
-        if slot.state is WorkerState.READY:
-            slot.state = WorkerState.DRAINING
-            self._set_free(slot)
 
     def mark_dead(self, slot: WorkerSlot) -> list["DispatchRequest"]:
         """Takes the slot out of service; returns the requests it held, for the caller to fail over."""

@@ -53,7 +53,7 @@ def test_busy_until_pipeline_full_then_idle() -> None:
     assert table.free() == (table.get(1),)
     with pytest.raises(ValueError, match="cannot take a request"):
         table.mark_busy(s0, request(3))
-    assert table.holder(1) is s0
+    assert 1 in s0.inflight and 2 in s0.inflight
     assert table.inflight_count() == 2
     done = table.mark_idle(1, b"w0-100", now=2.0)
     assert done is not None and done.header["id"] == 1
@@ -77,7 +77,7 @@ def test_mark_dead_returns_orphans_and_forgets_them() -> None:
     orphans = table.mark_dead(s0)
     assert [r.header["id"] for r in orphans] == [1, 2]
     assert s0.state is WorkerState.DEAD and not s0.inflight
-    assert table.holder(1) is None
+    assert not any(1 in s.inflight for s in table) and table.inflight_count() == 0
     assert table.by_identity(b"w0-100") is None
     assert table.free() == (table.get(1),)
     # a late reply from the dead worker is not ours any more
@@ -91,13 +91,6 @@ def test_respawn_requires_dead_slot() -> None:
     table = ready_table(1)
     with pytest.raises(ValueError, match="only a DEAD slot"):
         table.spawned(table.get(0), FakeProcess(5), now=0.0)
-
-
-def test_draining_takes_no_new_requests() -> None:
-    table = ready_table(2)
-    table.mark_draining(table.get(0))
-    assert table.free() == (table.get(1),)
-    assert not table.has_capacity(table.get(0))
 
 
 def test_expired_hung_and_overdue() -> None:
