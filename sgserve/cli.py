@@ -43,10 +43,7 @@ def start(**options: object) -> None:
 
     try:
         code = server.run(config)
-    except server.ConfigError as exc:
-        click.echo(f"sgserve: error: {exc}", err=True)
-        sys.exit(EXIT_CONFIG_ERROR)
-    except (ValueError, OSError) as exc:  # bad --policy, endpoint in use, ...
+    except (ValueError, OSError) as exc:  # errors.ConfigError (a ValueError), a bad --policy, endpoint in use
         click.echo(f"sgserve: error: {exc}", err=True)
         sys.exit(EXIT_CONFIG_ERROR)
     sys.exit(code)

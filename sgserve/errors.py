@@ -28,6 +28,12 @@ CODE_NAMES: dict[int, str] = {
 }
 
 
+class ConfigError(ValueError):
+    """A setting, config file or model the server refuses before it serves (``sgserve start`` exits
+    2, process.EXIT_CONFIG_ERROR), or a config reload it keeps the running config over. The message
+    says what to change. Never a wire reply: requests get ServeErrors."""
+
+
 class ServeError(Exception):
     """An error that crosses process boundaries as ``code + message``."""
 

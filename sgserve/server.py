@@ -17,18 +17,14 @@ from sgserve.models import shared_segment
 from sgserve.models.manager import ModelManager
 from sgserve.models.versions import AVAILABILITY_PRESERVING, RESOURCE_PRESERVING
 from sgserve.config import ModelSpec, ServerConfig
-from sgserve.errors import NotFound
+from sgserve.errors import ConfigError, NotFound
 from sgserve.logs import announce
 from sgserve.models.loader import find_versions
 from sgserve.models.loader_service import LoaderDied, LoaderService
-from sgserve.models.tfs_config import (ModelConfig, ModelConfigError, parse_model_server_config, parse_version_policy,
+from sgserve.models.tfs_config import (ModelConfig, parse_model_server_config, parse_version_policy,
                                 read_model_server_config)
 
 log = logging.getLogger(__name__)
-
-
-class ConfigError(Exception):
-    """A setting that cannot work on this machine; the message says what to change."""
 
 
 def check_endpoint_free(endpoint: str) -> None:
@@ -79,15 +75,12 @@ def resolve_batching(config: ServerConfig) -> ServerConfig:
 
 def model_configs(config: ServerConfig) -> tuple[list[ModelConfig], str | None]:
     """The models to serve: --model-config-file, else --model-base-path (or the demo) as one model."""
-    try:
-        if config.model_config_file:
-            if config.model_base_path or config.model_name:
-                raise ConfigError("give --model-config-file or --model-base-path/--model-name, not both")
-            text = read_model_server_config(config.model_config_file)
-            return parse_model_server_config(text, config.model_config_file), text
-        policy = parse_version_policy(config.model_version_policy)
-    except ModelConfigError as exc:
-        raise ConfigError(str(exc)) from None
+    if config.model_config_file:
+        if config.model_base_path or config.model_name:
+            raise ConfigError("give --model-config-file or --model-base-path/--model-name, not both")
+        text = read_model_server_config(config.model_config_file)
+        return parse_model_server_config(text, config.model_config_file), text
+    policy = parse_version_policy(config.model_version_policy)
     base = (os.path.abspath(config.model_base_path) if config.model_base_path
             else os.path.join(config.cache_dir, "demo"))
     return [ModelConfig(name=config.resolved_model_name(), base_path=base, version_policy=policy)], None
@@ -224,10 +217,7 @@ def run(config: ServerConfig, *, worker_command: list[str] | None = None,
         specs = load_initial(config, checked.models, loader)
         manager = ModelManager(config, server_id=sid, models=checked.models, initial=specs,
                                config_text=checked.config_text, loader=loader, loader_cores=spare_cores(checked.cores))
-        try:
-            manager.check_labels(checked.models)
-        except ModelConfigError as exc:
-            raise ConfigError(str(exc)) from None
+        manager.check_labels(checked.models)  # a ModelConfigError is a ConfigError: exit 2
 
         def ready() -> None:
             announce_serving(config, specs)

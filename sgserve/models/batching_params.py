@@ -11,7 +11,10 @@ import re
 import threading
 from typing import Any, Optional
 
-class BatchingConfigError(ValueError):
+from sgserve.errors import ConfigError
+
+
+class BatchingConfigError(ConfigError):
     """A batching parameters file or value that TF Serving would refuse; the message says what to change.
 
     ``field`` names the parameter at fault, when there is one.

@@ -27,6 +27,8 @@ import os
 import re
 from typing import Any, Iterable
 
+from sgserve.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 LATEST = "latest"
@@ -39,7 +41,7 @@ _FILE_HINT = ("(expected a ModelServerConfig in protobuf text format, the --mode
               "tensorflow_model_server)")
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(ConfigError):
     """A model config file or version policy that sgserve cannot serve; the message says what to change."""
 
 
