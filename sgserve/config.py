@@ -113,6 +113,12 @@ class ServerConfig:
         help="where clients connect (a ZeroMQ endpoint; loopback by default)")
     max_request_bytes: int = setting(
         64 * 1024 * 1024, shown_default="64 MiB", help="largest request payload accepted; larger ones get 400")
+    split_min_rows: int = setting(
+        0, shown_default="0 (off)",
+        help="split a predict request of at least this many rows along its first dimension across the idle "
+             "workers, when its signature is safe to split (every input and output batch-major); 0: never split")
+    split_max_parts: int = setting(
+        0, shown_default="all idle workers", help="the most parts one split request runs as")
     max_enqueued: int = setting(
         1024, help="requests that may wait in the broker for a free worker before new ones get 429")
     worker_pipeline: int = setting(

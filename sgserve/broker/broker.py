@@ -232,6 +232,8 @@ class Broker:
             "config_error": self.manager.config_error,
             "loader": self.manager.loader_status(),
             "queued": len(self.core.queue),
+            "split": {"min_rows": self.config.split_min_rows, "requests": self.core.split_requests,
+                      "parts": self.core.split_parts},
         }
 
     def _on_control(self, identity: bytes, command: int, rest: list[zmq.Frame], now: float) -> None:

@@ -20,20 +20,22 @@ when its deadline passes in the queue, a retry on another worker when the one ho
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import logging
 import math
 import time
 from typing import Any, Callable, Sequence
 
+from sgserve.broker import scatter
 from sgserve.broker.policies import DispatchPolicy, DispatchRequest
 from sgserve.broker.worker_table import WorkerSlot, WorkerTable
 from sgserve.config import ModelSpec, ServerConfig
-from sgserve.errors import (DEADLINE_EXCEEDED, INTERNAL, UNAVAILABLE, DeadlineExceeded, InvalidArgument, NotFound,
+from sgserve.errors import (DEADLINE_EXCEEDED, INTERNAL, OK, UNAVAILABLE, DeadlineExceeded, InvalidArgument, NotFound,
                             ResourceExhausted, ServeError, Unavailable, names)
 from sgserve.protocol import (DEFAULT_SIGNATURE, MAGIC, PREDICT, REQUEST_TYPES, W_HEARTBEAT, W_REPLY, Envelope,
-                              error_reply, exception_reply, ok_header, pack, route_frame, split_envelope,
-                              unpack_header)
+                              decode_header, error_reply, exception_reply, ok_header, pack, route_frame,
+                              split_envelope, unpack_header)
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,12 @@ class RoutingCore:
         self._rids = itertools.count(1)
         self._max_bytes = config.max_request_bytes
         self._max_enqueued = config.max_enqueued
+        self._split_min_rows = config.split_min_rows  # 0: never split
+        self._split_max_parts = config.split_max_parts or 1 << 16  # 0: as many as are idle
+        self._split_keeps_keys = getattr(policy, "name", None) != "rr"  # keyed policies keep stickiness
+        self._batch_major: dict[tuple[str, int, str], bool] = {}
+        self.split_requests = 0  # requests answered by several workers (status counts them)
+        self.split_parts = 0
 
     # -- client messages -------------------------------------------------------------------------
     def from_client(self, frames: Sequence[Any]) -> None:
@@ -127,12 +135,67 @@ class RoutingCore:
                                   routing_key, envelope.identity[0], deadline, time.monotonic(),
                                   header_frame=header_frame)
         queue = self.queue
-        if not queue and self._dispatch(request):
+        if not queue and ((self._split_min_rows and self._split(request, spec)) or self._dispatch(request)):
             return
         if len(queue) >= self._max_enqueued:
             raise ResourceExhausted(f"server overloaded: {len(queue)} requests queued (--max-enqueued); "
                                     f"retry later")
         queue.append(request)
+
+    # -- splitting one request across idle workers (scatter-gather) -------------------------------
+    def _split(self, request: DispatchRequest, spec: ModelSpec) -> bool:
+        """Sends the request's rows to the idle workers in parts, when it is big enough, its
+        signature is batch-major and two or more workers are idle; False to route it whole."""
+        if request.routing_key is not None and self._split_keeps_keys:
+            return False
+        idle = sum(1 for slot in self.table.free() if not slot.inflight)
+        parts = min(idle, self._split_max_parts)
+        if parts < 2 or not self._splittable(spec, request.signature):
+            return False
+        rows = scatter.rows_of(request.header, request.payload)
+        if rows is None or rows < self._split_min_rows:
+            return False
+        pieces = scatter.split_request(request.header, request.payload, min(parts, rows))
+        scattered = Scattered(request, [h["inputs"][0]["shape"][0] for h, _ in pieces])
+        for index, (header, payload) in enumerate(pieces):
+            part = dataclasses.replace(request, rid=next(self._rids), header=header, payload=payload,
+                                       header_frame=pack(header)[1], scatter=scattered, part=index)
+            if not self._dispatch(part):  # a worker went away meanwhile: the part waits its turn
+                self.queue.append(part)
+        self.split_requests += 1
+        self.split_parts += len(pieces)
+        return True
+
+    def _splittable(self, spec: ModelSpec, signature: str) -> bool:
+        key = (spec.name, spec.version, signature)
+        ok = self._batch_major.get(key)
+        if ok is None:
+            ok = self._batch_major[key] = batch_major(spec.signatures[signature]) is None
+        return ok
+
+    def _part_replied(self, request: DispatchRequest, frames: list[Any]) -> None:
+        """One part's reply: the first error answers the request; the last success merges them all."""
+        scattered = request.scatter
+        if scattered.answered:
+            return  # another part failed first: its reply was the answer
+        envelope = scattered.request.envelope
+        try:
+            header = decode_header(frames[0])
+            if header.get("code") != OK:
+                scattered.answered = True
+                self._to_client(envelope.prefix + [MAGIC, *frames])
+                return
+            scattered.gather.add(request.part, header, list(frames[1:]))
+            if scattered.gather.done:
+                scattered.answered = True
+                merged, payload = scattered.gather.merge()
+                self._to_client(envelope.wrap(pack(merged)[:2] + list(payload)))
+        except Exception as exc:  # noqa: BLE001 - a bad part reply fails this request, not the broker
+            if not isinstance(exc, ServeError):
+                log.exception("unexpected error merging the parts of a split request")
+            scattered.answered = True
+            self._to_client(envelope.wrap(exception_reply(scattered.request.request_id, exc,
+                                                          "internal error in the broker: ")))
 
     # -- worker messages -------------------------------------------------------------------------
     def from_worker(self, frames: Sequence[Any]) -> None:
@@ -155,7 +218,10 @@ class RoutingCore:
                     self.table.seen(slot, now)
                 log.debug("dropping a reply from %r for a request it no longer holds", identity)
                 return
-            self._to_client(request.envelope.prefix + [MAGIC, *frames[2:]])
+            if request.scatter is None:
+                self._to_client(request.envelope.prefix + [MAGIC, *frames[2:]])
+            else:
+                self._part_replied(request, frames[2:])
             if self.queue:
                 self.pump()
         elif command == _HEARTBEAT:
@@ -204,6 +270,8 @@ class RoutingCore:
         now = time.monotonic()
         while queue and self.table.free():
             request = queue.popleft()
+            if request.scatter is not None and request.scatter.answered:
+                continue  # another part failed: the client has its answer
             if self._expire(request, wall, now):
                 continue
             if not self._dispatch(request):
@@ -277,6 +345,11 @@ class RoutingCore:
         self.pump()
 
     def fail(self, request: DispatchRequest, code: int, message: str) -> None:
+        scattered = request.scatter
+        if scattered is not None:
+            if scattered.answered:
+                return
+            scattered.answered = True
         self._to_client(request.envelope.wrap(error_reply(request.request_id, code, message)))
 
     def fail_all(self, reason: str) -> None:
@@ -331,3 +404,25 @@ def _peek_id(msg: Sequence[Any]) -> Any:
 
 
 __all__ = ["RoutingCore"]
+
+class Scattered:
+    """A client request split into parts: answered exactly once, by the first part that fails or
+    by the merge of every part's outputs, in row order."""
+
+    __slots__ = ("request", "gather", "answered")
+
+    def __init__(self, request: DispatchRequest, rows: list[int]) -> None:
+        self.request = request
+        self.gather = scatter.Gather(request.request_id, len(rows), rows=rows)
+        self.answered = False
+
+
+def batch_major(signature: dict[str, Any]) -> str | None:
+    """Why a signature cannot be split along its first dimension (an input or output without a
+    leading batch dimension), or None when every tensor has one."""
+    for kind in ("inputs", "outputs"):
+        for name, meta in signature.get(kind, {}).items():
+            shape = meta.get("shape")
+            if not shape or shape[0] not in (-1, None):
+                return f"{kind[:-1]} '{name}' has no leading batch dimension (shape {shape})"
+    return None

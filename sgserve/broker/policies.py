@@ -45,6 +45,8 @@ class DispatchRequest:
     died_on: int | None = None  # index of the worker that died holding it (attempt 1): the retry avoids it
     retry_until: float | None = None  # monotonic bound on waiting for a retry
     header_frame: Any = None  # the client's header frame, forwarded to the worker untouched
+    scatter: Any = None  # core.Scattered when this is one part of a split request
+    part: int = 0  # which part (row range, in order) of a split request this is
 
     @property
     def request_id(self) -> Any:
