@@ -38,6 +38,7 @@ class PredictResult:
     version: int
     worker: int
     latency_s: float
+    parts: int = 1  # >1: the broker split the rows across this many workers (--split-min-rows)
 
 
 class Client:
@@ -94,7 +95,7 @@ class Client:
         outputs = decode_tensors(reply.get("outputs"), payload, "outputs")
         return PredictResult(outputs=outputs, model=reply.get("model", model),
                              version=reply.get("version", version), worker=reply.get("worker", -1),
-                             latency_s=latency)
+                             latency_s=latency, parts=reply.get("parts", 1))
 
     def metadata(self, model: str, version: int | None = None, *, version_label: str | None = None,
                  timeout: float | None = None) -> dict[str, Any]:

@@ -184,22 +184,23 @@ def check_signature(runtime: Any, signature_name: str,
     if isinstance(warmup_inputs, Mapping):
         warmup_inputs = [warmup_inputs]
     samples = [_cast(runner, s) for s in warmup_inputs or ()] or _synthetic(runner)
-    why = ""
+    why: str | None = None
     for perturb in (True, False):
         batch = check_batch(samples, perturb=perturb)
         for k in parts:
             why = check_split(runner.run, batch, k)
             if why:
                 break
-        if not why.startswith(FAILS_UNSPLIT):
+        if not why or not why.startswith(FAILS_UNSPLIT):
             break  # a verdict; only a batch the model refuses is retried without the scaling
-    return why or None
+    return why
 
 
 def check_version(runtime: Any, requests: Sequence[Any] | None) -> dict[str, str | None]:
     """Every signature of a loaded version: name -> why it is served unsplit, or None (splittable).
-    Never raises: a check that cannot run is a reason too. ``requests``: the version's warmup requests (``sgserve.models.warmup.WarmupRequest``), as the
-    worker warmed it, or None when it warmed with synthetic inputs or not at all."""
+    Never raises: a check that cannot run is a reason too. ``requests``: the version's warmup
+    requests (``sgserve.models.warmup.WarmupRequest``), as the worker warmed it, or None when it
+    warmed with synthetic inputs or not at all."""
     verdicts: dict[str, str | None] = {}
     for name in sorted(runtime.signatures):
         mine = [r.inputs for r in requests or () if r.signature == name]

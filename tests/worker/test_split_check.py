@@ -179,6 +179,12 @@ def test_too_few_or_misaligned_rows_are_reasons(loaded):
         "cannot be checked: the inputs have different row counts {'item_id': 4, 'user_id': 3}")
 
 
+def test_warmup_the_model_refuses_is_a_reason(loaded):
+    _, rt = loaded("cross")
+    why = split_check.check_signature(rt, "centered", {"x": np.ones((2, 3), np.float32)})
+    assert why == "cannot be checked: the inputs fail unsplit (input 'x': expected shape [?, 2], got [8, 3])"
+
+
 def test_row_ranges_cover_all_rows_in_order():
     assert split_check.row_ranges(8, 3) == [(0, 3), (3, 6), (6, 8)]
     assert split_check.row_ranges(1000, 3) == [(0, 334), (334, 667), (667, 1000)]
