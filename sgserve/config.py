@@ -210,6 +210,7 @@ class WorkerSpec:
     warmup: bool = True  # warm each version up before saying READY / LOADED
     warmup_file: str | None = None  # sgserve JSON-lines warmup requests (see sgserve/models/warmup.py)
     batching: dict[str, Any] | None = None  # BatchingParameters.to_dict(); None: one request at a time
+    split_check: bool = False  # check at load whether each signature answers the same split (--split-min-rows)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))

@@ -11,6 +11,7 @@ import numpy as np
 
 from sgserve.client import Client
 from sgserve.errors import ServeError
+from tests import split_models
 from tests.conftest import demo_inputs
 
 SPLIT = ["--workers", "2", "--cpus-per-worker", "1", "--split-min-rows", "8"]
@@ -31,6 +32,24 @@ def test_split_answers_equal_the_rows_run_alone_and_status_counts_them(start_ser
         np.testing.assert_allclose(got[::7], want, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(got[:7], small.outputs[name], rtol=1e-5, atol=1e-6)
     assert status["split"] == {"min_rows": 8, "requests": 1, "parts": 2}
+    [version] = [v for m in status["model_status"] for v in m["versions"]]
+    assert version["warmup"]["split"] and all(why is None for why in version["warmup"]["split"].values())
+
+
+def test_a_cross_row_signature_is_detected_at_load_and_served_unsplit(start_server, tmp_path) -> None:
+    base = split_models.build_cross_row(str(tmp_path / "cross"))
+    server = start_server(SPLIT + ["--model-base-path", base])
+    x = np.arange(32, dtype=np.float32).reshape(16, 2)
+    with Client(server.endpoint, timeout=30) as c:
+        centered = c.predict_full("cross", {"x": x}, signature="centered")
+        doubled_only = c.predict_full("cross", {"x": x}, signature="batch_softmax")
+        [version] = [v for m in c.status()["model_status"] for v in m["versions"]]
+    assert centered.parts == 1 and doubled_only.parts == 1
+    h = x @ np.array([[1.0, -1.0], [0.5, 2.0]], np.float32)
+    np.testing.assert_allclose(centered.outputs["centered"], h - h.mean(axis=0), rtol=1e-5, atol=1e-5)
+    verdicts = version["warmup"]["split"]
+    assert "output 'centered'" in verdicts["centered"] and "output 'p'" in verdicts["batch_softmax"]
+    assert "no leading batch dimension" in verdicts["row_count"] or "scalar" in verdicts["row_count"]
 
 
 def test_a_worker_killed_during_split_requests_leaves_exactly_one_answer_each(start_server) -> None:

@@ -92,7 +92,8 @@ class Broker:
         self.backend_endpoint: str = self.backend.getsockopt_string(zmq.LAST_ENDPOINT)
         self.core = RoutingCore(config, self.table, self.policy, resolve=self.manager.resolve,
                                 to_client=self._send_client, to_worker=self._send_worker, admin=self._admin,
-                                on_control=self._on_control, on_lost=self._on_lost)
+                                on_control=self._on_control, on_lost=self._on_lost,
+                                split_verdict=self.manager.split_verdict)
         self.rollout = Rollout(config, self.table, self.manager, send=self._send_worker,
                                requests_for=self.core.requests_for)
         self.supervisor = Supervisor(config, self.rollout.specs_for_spawn, self.table,

@@ -47,6 +47,7 @@ SendToWorker = Callable[[bytes, list[Any]], bool]  # (worker identity, frames); 
 AdminHandler = Callable[[str, dict[str, Any]], dict[str, Any]]  # (type, header) -> reply fields
 ControlHandler = Callable[[bytes, int, list[Any], float], None]  # (identity, command, frames, now)
 LostHandler = Callable[[WorkerSlot, str], None]  # a worker taken out of service: kill its process
+SplitVerdict = Callable[[str, int, str], "tuple[bool, str | None]"]  # (model, version, signature) -> (known, why not)
 
 
 class RoutingCore:
@@ -59,7 +60,7 @@ class RoutingCore:
     def __init__(self, config: ServerConfig, table: WorkerTable, policy: DispatchPolicy, *,
                  resolve: Callable[[dict[str, Any]], ModelSpec], to_client: SendToClient,
                  to_worker: SendToWorker, admin: AdminHandler, on_control: ControlHandler,
-                 on_lost: LostHandler) -> None:
+                 on_lost: LostHandler, split_verdict: SplitVerdict) -> None:
         self.config = config
         self.table = table
         self.policy = policy
@@ -71,6 +72,7 @@ class RoutingCore:
         self._admin = admin
         self._on_control = on_control
         self._on_lost = on_lost
+        self._split_verdict = split_verdict
         self._rids = itertools.count(1)
         self._max_bytes = config.max_request_bytes
         self._max_enqueued = config.max_enqueued
@@ -170,7 +172,12 @@ class RoutingCore:
         key = (spec.name, spec.version, signature)
         ok = self._batch_major.get(key)
         if ok is None:
-            ok = self._batch_major[key] = batch_major(spec.signatures[signature]) is None
+            why = batch_major(spec.signatures[signature])
+            if why is None:
+                known, why = self._split_verdict(spec.name, spec.version, signature)
+                if not known:
+                    return False  # no worker has checked it yet: whole, and ask again next time
+            ok = self._batch_major[key] = why is None
         return ok
 
     def _part_replied(self, request: DispatchRequest, frames: list[Any]) -> None:

@@ -255,6 +255,7 @@ class Supervisor:
             intra_op_threads=self.config.intra_threads(),
             inter_op_threads=self.config.inter_threads(),
             heartbeat_interval=self.config.heartbeat_interval,
+            split_check=self.config.split_min_rows > 0,
             server_id=self.server_id,
             warmup=self.config.enable_model_warmup,
             warmup_file=self.config.warmup_file,

@@ -181,6 +181,18 @@ class ModelManager:
     def note_warmup(self, name: Any, version: Any, warmed: Any) -> None:
         self.versions.note_warmup(name, version, warmed)
 
+    def split_verdict(self, name: str, version: int, signature: str) -> tuple[bool, str | None]:
+        """(known, why not): whether the version's signature answered the same split and unsplit when
+        a worker loaded it (worker/split_check.py). Not known until a worker has said."""
+        sm = self.versions.models.get(name)
+        mv = sm.versions.get(version) if sm is not None else None
+        if mv is None or mv.warmup is None:
+            return False, None
+        verdicts = mv.warmup.get("split")
+        if not isinstance(verdicts, dict):
+            return True, "not checked at load"
+        return True, verdicts.get(signature, "not checked at load")
+
     def forget_removed(self) -> None:
         self.versions.forget_removed()
 

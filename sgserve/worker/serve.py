@@ -105,6 +105,10 @@ class WorkerProcess:
             rt.warmed = {"requests": ran, "source": self._warmup_source}
             log.info("%s version %d: %d warmup request(s) from %s in %.2f s", rt.name, rt.version, ran,
                      self._warmup_source, time.monotonic() - started)
+        if self.spec.split_check:  # which signatures may the broker split (None: safe; else why not)
+            from sgserve.worker import split_check  # noqa: PLC0415
+
+            rt.warmed["split"] = split_check.check_version(rt, requests if self.spec.warmup else None)
         return rt
 
     def _warmup_requests(self, name: str, version_dir: str) -> list[Any] | None:

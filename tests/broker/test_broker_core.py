@@ -25,13 +25,16 @@ from tests.broker.broker_helpers import demo_models, test_config
 class Harness:
     """A RoutingCore with ``workers`` READY slots (identities w0, w1, ...) and recording sends."""
 
-    def __init__(self, workers: int = 2, policy: str = "rr", **config: Any) -> None:
+    def __init__(self, workers: int = 2, policy: str = "rr", split_refused: str | None = None, **config: Any) -> None:
         self.config = test_config(workers=workers, policy=policy, **config)
         self.table = WorkerTable(workers, self.config.worker_pipeline)
         specs = demo_models()
         configs = {s.name: ModelConfig(s.name, s.base_path) for s in specs}
         self.manager = ModelManager(self.config, server_id="core-test", models=list(configs.values()),
                                     initial=specs)
+        for s in specs:  # what a worker reports when it has loaded a version (worker/split_check.py)
+            self.manager.note_warmup(s.name, s.version, {"requests": 0, "source": "test",
+                                                         "split": {sig: split_refused for sig in s.signatures}})
         self.to_clients: list[list[Any]] = []
         self.to_workers: list[tuple[bytes, list[Any]]] = []
         self.unreachable: set[bytes] = set()
@@ -44,7 +47,8 @@ class Harness:
                                 to_client=self.to_clients.append, to_worker=self._to_worker,
                                 admin=lambda rtype, header: {"message": f"admin {rtype}"},
                                 on_control=lambda ident, cmd, rest, now: self.control.append((ident, cmd)),
-                                on_lost=lambda slot, why: self.lost.append((slot.index, why)))
+                                on_lost=lambda slot, why: self.lost.append((slot.index, why)),
+                                split_verdict=self.manager.split_verdict)
         for i in range(workers):
             slot = self.table.add(i, [i])
             self.table.spawned(slot, types.SimpleNamespace(pid=100 + i), now=0.0)

@@ -123,3 +123,11 @@ def test_split_max_parts_caps_the_parts(harness, parts: int) -> None:
     h = harness(workers=3, split_min_rows=4, split_max_parts=parts)
     h.request(b"c", *big(1, 30))
     assert len(h.sent()) == parts
+
+
+def test_a_signature_that_failed_the_load_time_check_is_never_split(harness) -> None:
+    h = harness(workers=2, split_min_rows=4, split_refused="output 'x' split in 2 parts differs")
+    h.request(b"c", *big(1, 100))
+    h.request(b"c", *big(2, 100))
+    assert [s[0] for s in h.sent()] == [b"w0", b"w1"], "two whole requests, one per worker"
+    assert all(msgpack.unpackb(s[2], raw=False)["inputs"][0]["shape"] == [100] for s in h.sent())
