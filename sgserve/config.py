@@ -119,6 +119,9 @@ class ServerConfig:
              "workers, when its signature is safe to split (every input and output batch-major); 0: never split")
     split_max_parts: int = setting(
         0, shown_default="all idle workers", help="the most parts one split request runs as")
+    split_models: str = setting(
+        "all", help="which models `--split-min-rows` applies to: `all`, a comma list of names (only those), or "
+                    "a comma list of `-name` (all but those)")
     max_enqueued: int = setting(
         1024, help="requests that may wait in the broker for a free worker before new ones get 429")
     worker_pipeline: int = setting(

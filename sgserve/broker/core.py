@@ -80,6 +80,7 @@ class RoutingCore:
         self._split_max_parts = config.split_max_parts or 1 << 16  # 0: as many as are idle
         self._split_keeps_keys = getattr(policy, "name", None) != "rr"  # keyed policies keep stickiness
         self._batch_major: dict[tuple[str, int, str], bool] = {}
+        self._split_model = split_models_rule(config.split_models)
         self.split_requests = 0  # requests answered by several workers (status counts them)
         self.split_parts = 0
 
@@ -172,7 +173,8 @@ class RoutingCore:
         key = (spec.name, spec.version, signature)
         ok = self._batch_major.get(key)
         if ok is None:
-            why = batch_major(spec.signatures[signature])
+            why = None if self._split_model(spec.name) else "--split-models leaves it out"
+            why = why or batch_major(spec.signatures[signature])
             if why is None:
                 known, why = self._split_verdict(spec.name, spec.version, signature)
                 if not known:
@@ -433,3 +435,17 @@ def batch_major(signature: dict[str, Any]) -> str | None:
             if not shape or shape[0] not in (-1, None):
                 return f"{kind[:-1]} '{name}' has no leading batch dimension (shape {shape})"
     return None
+
+
+def split_models_rule(text: str) -> Callable[[str], bool]:
+    """--split-models: ``all``, ``a,b`` (only those) or ``-a,-b`` (all but those)."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names or names == ["all"]:
+        return lambda _name: True
+    if all(n.startswith("-") for n in names):
+        excluded = {n[1:] for n in names}
+        return lambda name: name not in excluded
+    if any(n.startswith("-") for n in names):
+        raise ValueError(f"--split-models {text!r}: give names to split, or -names to leave out, not both")
+    included = set(names)
+    return lambda name: name in included

@@ -131,3 +131,17 @@ def test_a_signature_that_failed_the_load_time_check_is_never_split(harness) -> 
     h.request(b"c", *big(2, 100))
     assert [s[0] for s in h.sent()] == [b"w0", b"w1"], "two whole requests, one per worker"
     assert all(msgpack.unpackb(s[2], raw=False)["inputs"][0]["shape"] == [100] for s in h.sent())
+
+
+@pytest.mark.parametrize("rule, split", [("all", True), ("demo", True), ("other,x", False), ("-demo", False),
+                                         ("-other", True)])
+def test_split_models_opts_models_in_or_out(harness, rule: str, split: bool) -> None:
+    h = harness(workers=2, split_min_rows=4, split_models=rule)
+    h.request(b"c", *big(1, 100))
+    assert len(h.sent()) == (2 if split else 1)
+
+
+def test_split_models_cannot_mix_names_and_exclusions() -> None:
+    from sgserve.broker.core import split_models_rule
+    with pytest.raises(ValueError, match="not both"):
+        split_models_rule("a,-b")
