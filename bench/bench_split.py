@@ -25,8 +25,8 @@ Phases:
   1. latency: for each rows in --rows, one sequential client; the systems take turns request by
      request (order rotated each round), so they share the machine's noise. Inputs are the same for
      every system; each system's outputs are checked against sgserve_2x1's first.
-  2. sizing: sgserve_2x1 (one request = one worker x 1 core) and sgserve_1x2 at --sizing-rows, the
-     data for choosing --split-min-rows.
+  2. sizing: sgserve_2x1 (one request = one worker x 1 core), sgserve_1x2 and the split server
+     at --sizing-rows, the data for choosing --split-min-rows.
   3. QPS: `sgserve bench -c 8` at each --qps-rows against sgserve_2x1 and, when given, the split
      server, interleaved in slices (--endpoint A,B).
 
@@ -377,12 +377,13 @@ def sizing_table(result: dict[str, Any]) -> str:
     rows = []
     for n in sorted(p50):
         half = p50.get(n // 2, {}).get(REF) or p50.get((n + 1) // 2, {}).get(REF)
-        one, two = p50[n].get(REF), p50[n].get("sgserve_1x2")
-        rows.append([n, fmt_x(one), fmt_x(two), fmt_x(ratio(two, one)), fmt_x(half),
+        one, two, split = p50[n].get(REF), p50[n].get("sgserve_1x2"), p50[n].get(SPLIT)
+        rows.append([n, fmt_x(one), fmt_x(two), fmt_x(ratio(two, one)), fmt_x(split), fmt_x(half),
                      fmt_x(rnd(one - half) if one and half else None),
                      f"{sz[str(n)]['other_load_cores']}" + (" NOISY" if sz[str(n)].get("noisy") else "")])
     return C.table(["rows", "1 worker x 1 core p50 ms", "1 worker x 2 cores p50 ms", "2 cores / 1 core",
-                    "t(n/2) on 1 core", "t(n) - t(n/2): a 2-way split's room", "other load, cores"], rows)
+                    "split server p50 ms", "t(n/2) on 1 core", "t(n) - t(n/2): a 2-way split's room",
+                    "other load, cores"], rows)
 
 
 def plot(result: dict[str, Any], name: str) -> None:
@@ -398,13 +399,14 @@ def plot(result: dict[str, Any], name: str) -> None:
         ax.plot([r for r, _ in pts], [p["p50_ms"] for _, p in pts], "-o", color=colors.get(k), label=f"{k} p50")
         ax.fill_between([r for r, _ in pts], [p["p50_ms"] for _, p in pts], [p["p90_ms"] for _, p in pts],
                         color=colors.get(k), alpha=0.15)
-        if k in (REF, SPLIT):
-            xs = [(r, result["latency"][str(r)]["ratios"].get(f"{k}/flask")) for r in rows]
-            axr.plot([r for r, x in xs if x], [x for _, x in xs if x], "-o", color=colors[k], label=f"{k} / Flask")
+        for peer, style in (("flask", "-o"), ("1x2", "--s")) if k in (REF, SPLIT) else ():
+            xs = [(r, result["latency"][str(r)]["ratios"].get(f"{k}/{peer}")) for r in rows]
+            axr.plot([r for r, x in xs if x], [x for _, x in xs if x], style, color=colors[k], label=f"{k} / {peer}")
     tr = sorted(TARGETS)
-    axr.step(tr, [TARGETS[r] for r in tr], where="mid", color="k", ls=":", label="issue 13 target")
+    axr.step(tr, [TARGETS[r] for r in tr], where="mid", color="k", ls=":", label="target vs Flask")
+    axr.plot([1000], [TARGET_VS_1X2], "k*", label="target vs 1x2 (1000 rows)")
     for a, title in ((ax, "latency vs rows per request (band: p50..p90), one client"),
-                     (axr, "p50 latency / gunicorn+Flask p50")):
+                     (axr, "p50 ratios: against gunicorn+Flask (solid), against sgserve 1 x 2 cores (dashed)")):
         a.set_xscale("log")
         a.set_xlabel("rows per request (log)")
         a.set_title(title, fontsize=9)
@@ -423,7 +425,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--requests", type=int, default=150, help="measured requests per system and rows (default 150)")
     ap.add_argument("--warmup-requests", type=int, default=5, help="unmeasured requests per system and rows first")
     ap.add_argument("--sizing-rows", default="25,50,100,125,250,500,1000",
-                    help="rows for the split-size phase on sgserve_2x1 and sgserve_1x2 ('' skips it)")
+                    help="rows of the split-size phase: sgserve_2x1, sgserve_1x2, split ('' skips it)")
     ap.add_argument("--qps-rows", default="100,1000", help="rows per request of the 8-client QPS points ('' skips)")
     ap.add_argument("--qps-clients", type=int, default=8)
     ap.add_argument("--qps-duration", type=float, default=10.0, help="measured seconds per system and QPS point")
@@ -490,7 +492,7 @@ def run_phases(systems: dict[str, S.System], args: argparse.Namespace, result: d
         add_ratios(point)
         result["latency"][str(rows)] = point
         C.write_json(args.name, result)
-    pair = {k: systems[k] for k in (REF, "sgserve_1x2") if k in systems}
+    pair = {k: systems[k] for k in (REF, "sgserve_1x2", SPLIT) if k in systems}
     for rows in args.sizing_rows:
         C.log(f"== sizing at {rows} rows: {', '.join(pair)}")
         result["sizing"][str(rows)] = measured(pair, rows, args)

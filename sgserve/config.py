@@ -114,9 +114,9 @@ class ServerConfig:
     max_request_bytes: int = setting(
         64 * 1024 * 1024, shown_default="64 MiB", help="largest request payload accepted; larger ones get 400")
     split_min_rows: int = setting(
-        0, shown_default="0 (off)",
-        help="split a predict request of at least this many rows along its first dimension across the idle "
-             "workers, when its signature is safe to split (every input and output batch-major); 0: never split")
+        64, help="split a predict request of at least this many rows along its first dimension across the idle "
+                 "workers (each part at least half this many rows), when a worker found its signature answers "
+                 "the same split at load; 0: never split (bench/RESULTS.md section 10 chose 64)")
     split_max_parts: int = setting(
         0, shown_default="all idle workers", help="the most parts one split request runs as")
     split_models: str = setting(

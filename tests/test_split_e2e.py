@@ -75,3 +75,16 @@ def test_a_worker_killed_during_split_requests_leaves_exactly_one_answer_each(st
     thread.join(120)
     assert not thread.is_alive() and len(answers) == 20, answers
     assert all(a in (1, 2, 503) for a in answers), answers  # retried part, or 503; never hung or doubled
+
+
+def test_parts_join_batches_with_server_side_batching(start_server, tmp_path) -> None:
+    params = tmp_path / "batching.txt"
+    params.write_text("max_batch_size { value: 256 }\nbatch_timeout_micros { value: 0 }\n")
+    server = start_server(SPLIT + ["--enable-batching", "--batching-parameters-file", str(params)])
+    inputs = demo_inputs(64, seed=5)
+    with Client(server.endpoint, timeout=30) as c:
+        split = c.predict_full("demo", inputs)
+        alone = c.predict_full("demo", {k: v[:7] for k, v in inputs.items()})
+    assert split.parts == 2 and alone.parts == 1
+    for name, got in split.outputs.items():
+        np.testing.assert_allclose(got[:7], alone.outputs[name], rtol=1e-5, atol=1e-6)

@@ -151,14 +151,20 @@ class RoutingCore:
         signature is batch-major and two or more workers are idle; False to route it whole."""
         if request.routing_key is not None and self._split_keeps_keys:
             return False
+        try:  # the header's word first: a small request costs one lookup, not a tensor check
+            claimed = request.header["inputs"][0]["shape"][0]
+        except (KeyError, IndexError, TypeError):
+            return False
+        if type(claimed) is not int or claimed < self._split_min_rows:
+            return False
         idle = sum(1 for slot in self.table.free() if not slot.inflight)
-        parts = min(idle, self._split_max_parts)
+        parts = min(idle, self._split_max_parts, claimed // max(1, self._split_min_rows // 2))
         if parts < 2 or not self._splittable(spec, request.signature):
             return False
-        rows = scatter.rows_of(request.header, request.payload)
+        rows = scatter.rows_of(request.header, request.payload)  # checks the frames, too
         if rows is None or rows < self._split_min_rows:
             return False
-        pieces = scatter.split_request(request.header, request.payload, min(parts, rows))
+        pieces = scatter.split_request(request.header, request.payload, parts)
         scattered = Scattered(request, [h["inputs"][0]["shape"][0] for h, _ in pieces])
         for index, (header, payload) in enumerate(pieces):
             part = dataclasses.replace(request, rid=next(self._rids), header=header, payload=payload,

@@ -52,8 +52,8 @@ def test_a_big_request_runs_in_parts_on_the_idle_workers_and_is_merged_in_order(
     assert h.core.split_requests == 1 and h.core.split_parts == 2
 
 
-def test_small_requests_busy_workers_and_off_by_default_are_not_split(harness) -> None:
-    off = harness(workers=2)
+def test_small_requests_busy_workers_and_split_off_are_not_split(harness) -> None:
+    off = harness(workers=2, split_min_rows=0)
     off.request(b"c", *big(1, 1000))
     assert len(off.sent()) == 1, "split_min_rows 0: never split"
     h = harness(workers=2, split_min_rows=8)
@@ -145,3 +145,12 @@ def test_split_models_cannot_mix_names_and_exclusions() -> None:
     from sgserve.broker.core import split_models_rule
     with pytest.raises(ValueError, match="not both"):
         split_models_rule("a,-b")
+
+
+def test_the_default_splits_from_64_rows_in_parts_of_at_least_32(harness) -> None:
+    h = harness(workers=4)
+    h.request(b"c", *big(1, 63))
+    assert len(h.sent()) == 1
+    h = harness(workers=4)
+    h.request(b"c", *big(1, 100))
+    assert len(h.sent()) == 3, "100 rows, parts of at least 32: 3 parts though 4 workers are idle"
