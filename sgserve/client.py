@@ -39,6 +39,7 @@ class PredictResult:
     worker: int
     latency_s: float
     parts: int = 1  # >1: the broker split the rows across this many workers (--split-min-rows)
+    workers: tuple[int, ...] = ()  # with parts > 1: each part's worker, in row order
 
 
 class Client:
@@ -95,7 +96,8 @@ class Client:
         outputs = decode_tensors(reply.get("outputs"), payload, "outputs")
         return PredictResult(outputs=outputs, model=reply.get("model", model),
                              version=reply.get("version", version), worker=reply.get("worker", -1),
-                             latency_s=latency, parts=reply.get("parts", 1))
+                             latency_s=latency, parts=reply.get("parts", 1),
+                             workers=tuple(reply.get("workers") or ()))
 
     def metadata(self, model: str, version: int | None = None, *, version_label: str | None = None,
                  timeout: float | None = None) -> dict[str, Any]:

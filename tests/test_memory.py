@@ -31,7 +31,8 @@ def segment_mapping(pid: int, segment: str) -> dict[str, int]:
 
 def test_two_workers_share_one_copy(start_server, tmp_path):
     base = model_builders.build_big(str(tmp_path / "big"), mib=MODEL_MIB)
-    srv = start_server(["--model-base-path", base, "--workers", "2", "--cpus-per-worker", "1"])
+    # Unsplit: each request goes whole to one worker, so that both workers touch every row.
+    srv = start_server(["--model-base-path", base, "--workers", "2", "--cpus-per-worker", "1", "--split-min-rows", "0"])
     rows = MODEL_MIB * MIB // 256
     with srv.client(timeout=60) as c:
         st = c.status()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -33,7 +35,19 @@ def test_split_answers_equal_the_rows_run_alone_and_status_counts_them(start_ser
         np.testing.assert_allclose(got[:7], small.outputs[name], rtol=1e-5, atol=1e-6)
     assert status["split"] == {"min_rows": 8, "requests": 1, "parts": 2}
     [version] = [v for m in status["model_status"] for v in m["versions"]]
-    assert version["warmup"]["split"] and all(why is None for why in version["warmup"]["split"].values())
+    assert version["split"] and all(why is None for why in version["split"].values())
+
+
+def test_sgserve_bench_shows_which_batch_sizes_were_split(start_server) -> None:
+    server = start_server(SPLIT)
+    r = subprocess.run([sys.executable, "-m", "sgserve.cli", "bench", "demo", "--endpoint", server.endpoint,
+                        "-c", "1", "-b", "1,128", "-d", "1", "--warmup", "0.2", "-q"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    header = next(ln for ln in lines if "split %" in ln)
+    rows = [ln.split() for ln in lines[lines.index(header) + 1:] if ln.strip()]
+    assert [(row[2], row[-1]) for row in rows] == [("1", "0"), ("128", "100")], r.stdout
 
 
 def test_a_cross_row_signature_is_detected_at_load_and_served_unsplit(start_server, tmp_path) -> None:
@@ -47,7 +61,7 @@ def test_a_cross_row_signature_is_detected_at_load_and_served_unsplit(start_serv
     assert centered.parts == 1 and doubled_only.parts == 1
     h = x @ np.array([[1.0, -1.0], [0.5, 2.0]], np.float32)
     np.testing.assert_allclose(centered.outputs["centered"], h - h.mean(axis=0), rtol=1e-5, atol=1e-5)
-    verdicts = version["warmup"]["split"]
+    verdicts = version["split"]
     assert "output 'centered'" in verdicts["centered"] and "output 'p'" in verdicts["batch_softmax"]
     assert "no leading batch dimension" in verdicts["row_count"] or "scalar" in verdicts["row_count"]
 

@@ -142,6 +142,9 @@ def format_table(results: Sequence[BenchResult]) -> str:
     if open_loop:
         headers[5:5] = ["sent/s", "late"]
     several = any(r.endpoint_index for r in results)
+    split = any("+" in w for r in results for w in r.workers_seen)
+    if split:  # the server split some requests across workers (--split-min-rows)
+        headers.append("split %")
     rows = []
     for r in results:
         name = f"{endpoint_letter(r.endpoint_index)}: {r.endpoint}" if several else r.endpoint
@@ -150,6 +153,9 @@ def format_table(results: Sequence[BenchResult]) -> str:
         if open_loop:
             row[5:5] = [f"{r.achieved_rate:.1f}" if r.achieved_rate is not None else "-",
                         str(r.late) if r.late is not None else "-"]
+        if split:
+            seen = sum(r.workers_seen.values())
+            row.append(f"{100.0 * sum(n for w, n in r.workers_seen.items() if '+' in w) / seen:.0f}" if seen else "-")
         rows.append(row)
     widths = [max(len(x) for x in col) for col in zip(headers, *rows)]
     left = {0, 1}  # text columns; numbers are right-aligned

@@ -261,7 +261,7 @@ class Runner:
             p50_ms=round(percentile(lat, 50), 3), p90_ms=round(percentile(lat, 90), 3), p99_ms=round(percentile(lat, 99), 3),
             p999_ms=round(percentile(lat, 99.9), 3), max_ms=round(lat[-1], 3) if lat else 0.0,
             mean_ms=round(sum(lat) / len(lat), 3) if lat else 0.0,
-            workers_seen=dict(sorted(t.workers.items(), key=lambda kv: int(kv[0]) if kv[0].isdigit() else kv[0])),
+            workers_seen=dict(sorted(t.workers.items(), key=lambda kv: (not kv[0].isdigit(), int(kv[0]) if kv[0].isdigit() else 0, kv[0]))),
             sent=t.sent, achieved_rate=round(t.sent / secs, 1) if open_loop and secs else None,
             late=t.late + t.unsent if open_loop else None, unsent=t.unsent if open_loop else None,
             schedule=self.cfg.schedule if open_loop else None, senders=len(self._threads),

@@ -102,6 +102,8 @@ class SgserveSession:
                                                timeout=cfg.timeout)
         except ServeError as exc:
             return str(exc.code), None
+        if res.parts > 1:  # split across workers: counted as e.g. "0+1" in workers seen
+            return "200", "+".join(map(str, res.workers))
         return "200", str(res.worker)
 
     def close(self) -> None:

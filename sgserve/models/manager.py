@@ -428,8 +428,11 @@ def _version_row(mv: ModelVersion, serving: bool) -> dict[str, Any]:
             "bytes": spec.segment_bytes if spec else 0, "own_bytes": own,
             "shared_bytes": (spec.segment_bytes - own) if spec else 0,
             "segments": spec.all_segments() if spec else [],
-            "load_seconds": mv.load_seconds, "warmup": mv.warmup, "available_since": mv.available_since,
-            "workers": []}
+            "load_seconds": mv.load_seconds, "available_since": mv.available_since, "workers": [],
+            # The worker reports both with its warmup; status shows them apart (split: signature -> why
+            # it is served unsplit, None when the broker may split it; absent when splitting is off).
+            "warmup": {k: v for k, v in mv.warmup.items() if k != "split"} if mv.warmup else mv.warmup,
+            "split": mv.warmup.get("split") if mv.warmup else None}
 
 
 def _labels(labels: dict[str, int]) -> str:
