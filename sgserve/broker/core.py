@@ -31,6 +31,7 @@ from sgserve.broker import scatter
 from sgserve.broker.policies import DispatchPolicy, DispatchRequest
 from sgserve.broker.worker_table import WorkerSlot, WorkerTable
 from sgserve.config import ModelSpec, ServerConfig
+from sgserve.models.signatures import leading_batch_dim
 from sgserve.errors import (DEADLINE_EXCEEDED, INTERNAL, OK, UNAVAILABLE, DeadlineExceeded, InvalidArgument, NotFound,
                             ResourceExhausted, ServeError, Unavailable, names)
 from sgserve.protocol import (DEFAULT_SIGNATURE, MAGIC, PREDICT, REQUEST_TYPES, W_HEARTBEAT, W_REPLY, Envelope,
@@ -79,7 +80,7 @@ class RoutingCore:
         self._split_min_rows = config.split_min_rows  # 0: never split
         self._split_max_parts = config.split_max_parts or 1 << 16  # 0: as many as are idle
         self._split_keeps_keys = getattr(policy, "name", None) != "rr"  # keyed policies keep stickiness
-        self._batch_major: dict[tuple[str, int, str], bool] = {}
+        self._split_ok: dict[tuple[str, int, str], bool] = {}
         self._split_model = split_models_rule(config.split_models)
         self.split_requests = 0  # requests answered by several workers (status counts them)
         self.split_parts = 0
@@ -177,15 +178,15 @@ class RoutingCore:
 
     def _splittable(self, spec: ModelSpec, signature: str) -> bool:
         key = (spec.name, spec.version, signature)
-        ok = self._batch_major.get(key)
+        ok = self._split_ok.get(key)
         if ok is None:
             why = None if self._split_model(spec.name) else "--split-models leaves it out"
-            why = why or batch_major(spec.signatures[signature])
+            why = why or leading_batch_dim(spec.signatures[signature])
             if why is None:
                 known, why = self._split_verdict(spec.name, spec.version, signature)
                 if not known:
                     return False  # no worker has checked it yet: whole, and ask again next time
-            ok = self._batch_major[key] = why is None
+            ok = self._split_ok[key] = why is None
         return ok
 
     def _part_replied(self, request: DispatchRequest, frames: list[Any]) -> None:
@@ -430,17 +431,6 @@ class Scattered:
         self.request = request
         self.gather = scatter.Gather(request.request_id, len(rows), rows=rows)
         self.answered = False
-
-
-def batch_major(signature: dict[str, Any]) -> str | None:
-    """Why a signature cannot be split along its first dimension (an input or output without a
-    leading batch dimension), or None when every tensor has one."""
-    for kind in ("inputs", "outputs"):
-        for name, meta in signature.get(kind, {}).items():
-            shape = meta.get("shape")
-            if not shape or shape[0] not in (-1, None):
-                return f"{kind[:-1]} '{name}' has no leading batch dimension (shape {shape})"
-    return None
 
 
 def split_models_rule(text: str) -> Callable[[str], bool]:

@@ -38,6 +38,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from sgserve.models.signatures import leading_batch_dim, shape_text as _shape
+
 log = logging.getLogger(__name__)
 
 __all__ = ["Tolerance", "FLOAT_TOLERANCES", "CHECK_ROWS", "CHECK_PARTS", "leading_batch_dim", "row_ranges",
@@ -67,26 +69,6 @@ FLOAT_TOLERANCES: dict[str, Tolerance] = {
     "float64": Tolerance(1e-9, 1e-12),
     "complex128": Tolerance(1e-9, 1e-12),
 }
-
-
-def leading_batch_dim(signature_public: Mapping[str, Any]) -> str | None:
-    """Why the signature has no batch dimension to split along, or None when every input and output
-    has one. Takes ``ModelSpec.signatures[name]`` (``SignatureInfo.public()``) or the manifest's
-    entry, which adds tensor names."""
-    inputs = signature_public.get("inputs") or {}
-    if not inputs:
-        return "the signature takes no inputs: no rows to split"
-    for kind in ("inputs", "outputs"):
-        for name, info in sorted((signature_public.get(kind) or {}).items()):
-            shape = info.get("shape")
-            what = f"{kind[:-1]} '{name}'"
-            if shape is None:
-                return f"{what} has an unknown rank: no leading batch dimension"
-            if len(shape) == 0:
-                return f"{what} is a scalar: no leading batch dimension"
-            if shape[0] not in (-1, None):
-                return f"{what} has a fixed first dimension {shape[0]} (shape {_shape(shape)}): no batch dimension"
-    return None
 
 
 def row_ranges(rows: int, parts: int) -> list[tuple[int, int]]:
@@ -314,10 +296,6 @@ def _runs(runner: Any, inputs: dict[str, np.ndarray]) -> bool:
         return True
     except Exception:  # noqa: BLE001 - the model refuses these values; the caller falls back
         return False
-
-
-def _shape(shape: Sequence[Any]) -> str:
-    return "[" + ", ".join("?" if d in (-1, None) else str(d) for d in shape) + "]"
 
 
 def _why(exc: BaseException) -> str:
