@@ -32,7 +32,7 @@ from sgserve.broker.policies import DispatchPolicy, DispatchRequest
 from sgserve.broker.worker_table import WorkerSlot, WorkerTable
 from sgserve.config import ModelSpec, ServerConfig
 from sgserve.models.signatures import leading_batch_dim
-from sgserve.errors import (DEADLINE_EXCEEDED, INTERNAL, OK, UNAVAILABLE, DeadlineExceeded, InvalidArgument, NotFound,
+from sgserve.errors import (DEADLINE_EXCEEDED, INTERNAL, UNAVAILABLE, DeadlineExceeded, InvalidArgument, NotFound,
                             ResourceExhausted, ServeError, Unavailable, names)
 from sgserve.protocol import (DEFAULT_SIGNATURE, MAGIC, PREDICT, REQUEST_TYPES, W_HEARTBEAT, W_REPLY, Envelope,
                               decode_header, error_reply, exception_reply, ok_header, pack, route_frame,
@@ -194,24 +194,15 @@ class RoutingCore:
         scattered = request.scatter
         if scattered.answered:
             return  # another part failed first: its reply was the answer
-        envelope = scattered.request.envelope
+        gather = scattered.gather
         try:
-            header = decode_header(frames[0])
-            if header.get("code") != OK:
-                scattered.answered = True
-                self._to_client(envelope.prefix + [MAGIC, *frames])
-                return
-            scattered.gather.add(request.part, header, list(frames[1:]))
-            if scattered.gather.done:
-                scattered.answered = True
-                merged, payload = scattered.gather.merge()
-                self._to_client(envelope.wrap(pack(merged)[:2] + list(payload)))
-        except Exception as exc:  # noqa: BLE001 - a bad part reply fails this request, not the broker
-            if not isinstance(exc, ServeError):
-                log.exception("unexpected error merging the parts of a split request")
+            gather.add(request.part, decode_header(frames[0]), list(frames[1:]))
+        except ServeError as exc:  # a worker reply the broker cannot read
+            self.fail(request, INTERNAL, f"unreadable reply from a worker for part {request.part}: {exc.message}")
+            return
+        if gather.failed or gather.done:  # Gather.reply: the first failure, else the merge (or its 500)
             scattered.answered = True
-            self._to_client(envelope.wrap(exception_reply(scattered.request.request_id, exc,
-                                                          "internal error in the broker: ")))
+            self._to_client(scattered.request.envelope.wrap(gather.reply()))
 
     # -- worker messages -------------------------------------------------------------------------
     def from_worker(self, frames: Sequence[Any]) -> None:
@@ -366,6 +357,9 @@ class RoutingCore:
             if scattered.answered:
                 return
             scattered.answered = True
+            self._to_client(request.envelope.wrap(error_reply(request.request_id, code, message,
+                                                              parts=scattered.gather.parts)))
+            return
         self._to_client(request.envelope.wrap(error_reply(request.request_id, code, message)))
 
     def fail_all(self, reason: str) -> None:

@@ -78,7 +78,7 @@ def test_the_first_failing_part_is_the_answer_and_later_replies_are_dropped(harn
     h.reply(w1, r1[0], {"id": 7, "code": 400, "message": "bad part", "worker": 1})
     echo_reply(h, w0, r0[0], f0, p0)
     [reply] = h.replies()
-    assert reply[1]["code"] == 400 and reply[1]["message"] == "bad part"
+    assert reply[1]["code"] == 400 and reply[1]["message"] == "bad part" and reply[1]["parts"] == 2
 
 
 def test_a_part_whose_worker_dies_is_retried_and_the_request_answered_once(harness) -> None:
@@ -106,6 +106,7 @@ def test_a_retried_part_that_cannot_run_before_the_deadline_is_one_503_and_late_
     echo_reply(h, w0, r0[0], f0, p0)  # the other part answers late: dropped
     assert [r[1]["code"] for r in h.replies()] == [503]
     assert "worker 1 died while serving the request" in h.replies()[0][1]["message"]
+    assert h.replies()[0][1]["parts"] == 2
 
 
 def test_a_part_past_its_deadline_in_the_worker_is_the_504_answer(harness) -> None:
