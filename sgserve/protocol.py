@@ -43,12 +43,14 @@ SHUTDOWN = "shutdown"
 PING = "ping"
 PIN = "pin"  # serve this version of a model (loading it if needed) until unpinned: a rollback
 UNPIN = "unpin"  # back to the model's version policy
-REQUEST_TYPES = (PREDICT, METADATA, STATUS, SHUTDOWN, PING, PIN, UNPIN)
+METRICS = "metrics"  # the broker's request counters and status, for Prometheus (the gateway renders them)
+RELOAD_CONFIG = "reload_config"  # apply a ModelServerConfig (text format) now, as a reloaded config file
+REQUEST_TYPES = (PREDICT, METADATA, STATUS, SHUTDOWN, PING, PIN, UNPIN, METRICS, RELOAD_CONFIG)
 
 # Broker <-> worker commands: the first byte of the first frame of every backend message.
 W_READY = b"\x01"  # worker -> broker: [cmd, {"index", "pid", "cores", "warmup"}]: booted, mapped, warmed
 W_REQUEST = b"\x02"  # broker -> worker: [cmd + ROUTE fields, client header, client payload...]
-W_REPLY = b"\x03"  # worker -> broker: [cmd + request id (8 bytes), reply header, payload...]
+W_REPLY = b"\x03"  # worker -> broker: [cmd + REPLY fields, reply header, payload...]
 W_HEARTBEAT = b"\x04"  # both ways: [cmd]
 W_STOP = b"\x05"  # broker -> worker: finish the current request, then exit 0
 W_LOAD = b"\x06"  # broker -> worker: [cmd, ModelSpec as msgpack]: map, build and warm up a version
@@ -59,6 +61,9 @@ W_UNLOADED = b"\x09"  # worker -> broker: [cmd, {"model", "version"}]
 # The W_REQUEST command frame: command byte, request id (the broker's counter), the resolved
 # version, the absolute deadline (Unix seconds; NaN = none) and the attempt (0, or 1 for a retry).
 ROUTE = struct.Struct("<cQqdB")
+# W_REPLY's command frame: command, the broker's request id, the reply's status code, and the rows of
+# the batched model call the request ran in (0 without server-side batching, or when it did not run).
+REPLY = struct.Struct("<cQHH")
 _unpackb = msgpack.unpackb
 NO_DEADLINE = math.nan
 
@@ -372,9 +377,16 @@ def parse_route(frame: bytes) -> tuple[int, int, float | None, int]:
     return rid, version, (None if deadline != deadline else deadline), attempt
 
 
-def reply_frame(rid: int) -> bytes:
-    """The W_REPLY command frame for request ``rid``."""
-    return W_REPLY + rid.to_bytes(8, "little")
+def reply_frame(rid: int, code: int, batch: int = 0) -> bytes:
+    """The W_REPLY command frame for request ``rid``: the reply's status code and its batch's rows
+    ride outside the header, so the broker counts them without decoding it."""
+    return REPLY.pack(W_REPLY, rid, code, min(batch, 0xFFFF))
+
+
+def parse_reply(frame: bytes) -> tuple[int, int, int]:
+    """(request id, status code, batch size) of a W_REPLY command frame."""
+    _, rid, code, batch = REPLY.unpack(frame)
+    return rid, code, batch
 
 
 def default_endpoint() -> str:
@@ -387,5 +399,5 @@ __all__ = [
     "unpack_header", "decode_header", "decode_tensors", "check_tensors", "encode_tensor", "error_reply",
     "exception_reply", "ok_header",
     "Envelope", "split_envelope", "INVALID_ARGUMENT", "send_frames", "recv_frames", "ROUTE", "route_frame",
-    "parse_route", "reply_frame",
+    "parse_route", "reply_frame", "parse_reply", "REPLY",
 ]

@@ -29,19 +29,26 @@ from typing import Any, Callable, Sequence
 
 from sgserve.broker import scatter
 from sgserve.broker.policies import DispatchPolicy, DispatchRequest
+from sgserve.broker.stats import Stats
 from sgserve.broker.worker_table import WorkerSlot, WorkerTable
 from sgserve.config import ModelSpec, ServerConfig
 from sgserve.models.signatures import leading_batch_dim
 from sgserve.errors import (DEADLINE_EXCEEDED, INTERNAL, UNAVAILABLE, DeadlineExceeded, InvalidArgument, NotFound,
                             ResourceExhausted, ServeError, Unavailable, names)
-from sgserve.protocol import (DEFAULT_SIGNATURE, MAGIC, PREDICT, REQUEST_TYPES, W_HEARTBEAT, W_REPLY, Envelope,
-                              decode_header, error_reply, exception_reply, ok_header, pack, route_frame,
+from sgserve.protocol import (DEFAULT_SIGNATURE, MAGIC, PREDICT, REPLY, REQUEST_TYPES, W_HEARTBEAT, W_REPLY,
+                              Envelope, decode_header, error_reply, exception_reply, ok_header, pack, route_frame,
                               split_envelope, unpack_header)
 
 log = logging.getLogger(__name__)
 
 _REPLY = W_REPLY[0]
 _HEARTBEAT = W_HEARTBEAT[0]
+_REPLY_SIZE = REPLY.size
+_parse_reply = REPLY.unpack
+# The metric labels a request's optional `api` and `entrypoint` header keys may take (the gateway
+# sets them; anything else counts as a native predict).
+API_LABELS = frozenset(("predict", "classify", "regress", "multi_inference"))
+ENTRYPOINT_LABELS = frozenset(("ZMQ", "GRPC", "REST"))
 
 SendToClient = Callable[[list[Any]], None]  # frames, the client's routing prefix first
 SendToWorker = Callable[[bytes, list[Any]], bool]  # (worker identity, frames); False: the worker is gone
@@ -61,8 +68,11 @@ class RoutingCore:
     def __init__(self, config: ServerConfig, table: WorkerTable, policy: DispatchPolicy, *,
                  resolve: Callable[[dict[str, Any]], ModelSpec], to_client: SendToClient,
                  to_worker: SendToWorker, admin: AdminHandler, on_control: ControlHandler,
-                 on_lost: LostHandler, split_verdict: SplitVerdict) -> None:
+                 on_lost: LostHandler, split_verdict: SplitVerdict, stats: Stats | None = None,
+                 served: Callable[[str], bool] = lambda _name: True) -> None:
         self.config = config
+        self.stats = stats if stats is not None else Stats()  # every answered predict, for /metrics
+        self._served = served  # is this a served model's name (a metric label clients cannot invent)
         self.table = table
         self.policy = policy
         self.queue: collections.deque[DispatchRequest] = collections.deque()
@@ -89,7 +99,8 @@ class RoutingCore:
     def from_client(self, frames: Sequence[Any]) -> None:
         """One frontend message: ``[identity, (empty if REQ), MAGIC, header, payload...]``."""
         envelope, msg = split_envelope(frames)
-        request_id = None
+        request_id = header = None
+        received = time.monotonic()
         try:
             size = 0
             for frame in msg:
@@ -113,7 +124,10 @@ class RoutingCore:
         except Exception as exc:  # noqa: BLE001 - a ServeError is the answer; anything else, 500 and keep serving
             if not isinstance(exc, ServeError):
                 log.exception("unexpected error handling a client request")
-            self._to_client(envelope.wrap(exception_reply(request_id, exc, "internal error in the broker: ")))
+            reply = exception_reply(request_id, exc, "internal error in the broker: ")
+            self._to_client(envelope.wrap(reply))
+            if header is not None and header.get("type") == PREDICT:
+                self._count_header(header, decode_header(reply[1])["code"], time.monotonic() - received)
 
     def _predict(self, envelope: Envelope, header: dict[str, Any], header_frame: Any, payload: list[Any]) -> None:
         spec = self._resolve(header)
@@ -202,7 +216,9 @@ class RoutingCore:
             return
         if gather.failed or gather.done:  # Gather.reply: the first failure, else the merge (or its 500)
             scattered.answered = True
-            self._to_client(scattered.request.envelope.wrap(gather.reply()))
+            reply = gather.reply()
+            self._to_client(scattered.request.envelope.wrap(reply))
+            self._count(scattered.request, decode_header(reply[1])["code"], time.monotonic())
 
     # -- worker messages -------------------------------------------------------------------------
     def from_worker(self, frames: Sequence[Any]) -> None:
@@ -215,10 +231,11 @@ class RoutingCore:
         command = head[0] if head else -1
         now = time.monotonic()
         if command == _REPLY:
-            if len(frames) < 3 or len(head) != 9:
+            if len(frames) < 3 or len(head) != _REPLY_SIZE:
                 log.warning("dropping a reply without request id and header from %r", identity)
                 return
-            request = self.table.mark_idle(int.from_bytes(head[1:9], "little"), identity, now)
+            _, rid, code, batch = _parse_reply(head)
+            request = self.table.mark_idle(rid, identity, now)
             if request is None:
                 slot = self.table.by_identity(identity)
                 if slot is not None:
@@ -227,6 +244,9 @@ class RoutingCore:
                 return
             if request.scatter is None:
                 self._to_client(request.envelope.prefix + [MAGIC, *frames[2:]])
+                self._count(request, code, now)
+                if batch:
+                    self.stats.batch(request.model, batch)
             else:
                 self._part_replied(request, frames[2:])
             if self.queue:
@@ -359,8 +379,27 @@ class RoutingCore:
             scattered.answered = True
             self._to_client(request.envelope.wrap(error_reply(request.request_id, code, message,
                                                               parts=scattered.gather.parts)))
+            self._count(scattered.request, code, time.monotonic())
             return
         self._to_client(request.envelope.wrap(error_reply(request.request_id, code, message)))
+        self._count(request, code, time.monotonic())
+
+    # -- counting (the metrics of every answered predict) -----------------------------------------
+    def _count(self, request: DispatchRequest, code: int, now: float) -> None:
+        header = request.header
+        api, entrypoint = header.get("api"), header.get("entrypoint")
+        self.stats.request(request.model, api if api in API_LABELS else "predict",
+                           entrypoint if entrypoint in ENTRYPOINT_LABELS else "ZMQ", code, now - request.received_at)
+
+    def _count_header(self, header: dict[str, Any], code: int, latency_s: float) -> None:
+        """A predict answered before it was routed (400, 404, 429...): labelled with the model it
+        names when that is a served model's name, else ''. Clients cannot grow the label set."""
+        model = header.get("model")
+        if type(model) is not str or not self._served(model):
+            model = ""
+        api, entrypoint = header.get("api"), header.get("entrypoint")
+        self.stats.request(model, api if api in API_LABELS else "predict",
+                           entrypoint if entrypoint in ENTRYPOINT_LABELS else "ZMQ", code, latency_s)
 
     def fail_all(self, reason: str) -> None:
         """Answers every queued and in-flight request 503 (the server is going away)."""

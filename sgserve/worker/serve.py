@@ -101,8 +101,10 @@ class WorkerProcess:
         rt.warmed = {"requests": 0, "source": "disabled (--no-model-warmup)"}
         if self.spec.warmup:
             requests = self._warmup_requests(rt.name, os.path.join(model["base_path"], str(model["version"])))
+            warm_started = time.monotonic()
             ran = rt.warmup(requests)
-            rt.warmed = {"requests": ran, "source": self._warmup_source}
+            rt.warmed = {"requests": ran, "source": self._warmup_source,
+                         "seconds": round(time.monotonic() - warm_started, 6)}
             log.info("%s version %d: %d warmup request(s) from %s in %.2f s", rt.name, rt.version, ran,
                      self._warmup_source, time.monotonic() - started)
         if self.spec.split_check:  # which signatures may the broker split (None: safe; else why not)
@@ -218,8 +220,9 @@ class WorkerProcess:
             raise NotFound(f"model '{model}' has no signature '{sig}'; it has {sorted(rt.signatures)}")
         return model, runner
 
-    def handle(self, version: int, deadline: float | None, header_frame: Any, payload: list[Any]) -> list[Any]:
-        """The reply (header frame, payload frames) to one W_REQUEST, run now; never raises."""
+    def handle(self, rid: int, version: int, deadline: float | None, header_frame: Any,
+               payload: list[Any]) -> list[Any]:
+        """The W_REPLY message answering one W_REQUEST, run now; never raises."""
         request_id = model = None
         try:
             header = protocol.decode_header(header_frame)
@@ -227,9 +230,9 @@ class WorkerProcess:
             model, runner = self.resolve(header, version, deadline)
             outputs = runner.run_wire(header.get("inputs"), payload, header.get("output_filter"))
         except Exception as exc:  # noqa: BLE001 - every request gets an answer
-            return replies.failed(request_id, exc, model, version, self.spec.index)[1:]
+            return replies.failed(rid, request_id, exc, model, version, self.spec.index)
         self.served += 1
-        return replies.succeeded(request_id, outputs, model, version, self.spec.index)[1:]
+        return replies.succeeded(rid, request_id, outputs, model, version, self.spec.index)
 
     def _on_message(self, sock: Any, frames: list[Any]) -> bool:
         """Handles one backend message; True on W_STOP (the worker then exits)."""
@@ -239,13 +242,12 @@ class WorkerProcess:
         if cmd == protocol.W_REQUEST and len(head) == _ROUTE_SIZE and len(frames) >= 2:
             rid, version, deadline, _ = protocol.parse_route(head)
             if batching is None:
-                reply = self.handle(version, deadline, frames[1], frames[2:])
+                reply = self.handle(rid, version, deadline, frames[1], frames[2:])
             else:
                 reply = batching.submit(rid, version, deadline, frames[1], frames[2:], self.resolve)
                 if reply is None:  # queued: a batch thread answers it
                     return False
-                reply = reply[1:]
-            send_frames(sock, [protocol.reply_frame(rid), *reply])
+            send_frames(sock, reply)
         elif cmd == protocol.W_LOAD and len(frames) >= 2:
             self._start_load(frames[1])
         elif cmd == protocol.W_UNLOAD and len(frames) >= 2:

@@ -86,7 +86,7 @@ class WorkerBatching:
     # -- the I/O thread ------------------------------------------------------------------------
     def submit(self, rid: int, version: int, deadline: float | None, header_frame: Any, payload: list[Any],
                resolve: Resolve) -> list[Any] | None:
-        """Queues one W_REQUEST; None when queued, else the reply (from MAGIC on) to send now."""
+        """Queues one W_REQUEST; None when queued, else the W_REPLY message to send now."""
         request_id = model = None
         try:
             header = protocol.decode_header(header_frame)
@@ -99,7 +99,7 @@ class WorkerBatching:
             key: Hashable = (model, version, runner.name, tuple(output_filter or ()))
             self.batcher.submit(BatchTask(held, key, arrays, deadline))
         except Exception as exc:  # noqa: BLE001 - 400 (too many rows), 429 (queue full), 504, 503 (stopping), 404
-            return replies.failed(request_id, exc, model, version, self._index)
+            return replies.failed(rid, request_id, exc, model, version, self._index)
         self._held += 1
         if deadline is not None:
             heapq.heappush(self._deadlines, (deadline, next(self._seq), held))
@@ -136,11 +136,9 @@ class WorkerBatching:
                         continue
                     held.state = ANSWERED
                 self._held -= 1
-                frames = replies.failed(held.request_id, DeadlineExceeded(
+                out.append(replies.failed(held.rid, held.request_id, DeadlineExceeded(
                     "deadline exceeded while waiting in the worker's batching queue; the request was not run"),
-                    held.model, held.version, self._index)
-                frames[0] = protocol.reply_frame(held.rid)
-                out.append(frames)
+                    held.model, held.version, self._index))
         return out
 
     def next_wakeup(self) -> float | None:
@@ -191,11 +189,10 @@ class WorkerBatching:
         """(held, W_REPLY frames, ran) for one request's outputs or error. A request counts as served
         once the model ran it, as on the unbatched path, even if its outputs cannot be sent."""
         if isinstance(result, ServeError):
-            frames = replies.failed(held.request_id, result, held.model, held.version, self._index)
+            frames = replies.failed(held.rid, held.request_id, result, held.model, held.version, self._index)
         else:
-            frames = replies.succeeded(held.request_id, result, held.model, held.version, self._index,
+            frames = replies.succeeded(held.rid, held.request_id, result, held.model, held.version, self._index,
                                        batch_size=rows)
-        frames[0] = protocol.reply_frame(held.rid)
         return held, frames, not isinstance(result, ServeError)
 
 

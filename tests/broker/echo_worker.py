@@ -99,16 +99,17 @@ class EchoWorker(worker_serve.WorkerProcess):
             self._route = protocol.parse_route(head)
         return super()._on_message(sock, frames)
 
-    def handle(self, version: int, deadline: float | None, header_frame: Any, payload: list[Any]) -> list[Any]:
-        reply = super().handle(version, deadline, header_frame, payload)
-        header = msgpack.unpackb(protocol.frame_bytes(reply[0]), raw=False)
+    def handle(self, rid: int, version: int, deadline: float | None, header_frame: Any,
+               payload: list[Any]) -> list[Any]:
+        reply = super().handle(rid, version, deadline, header_frame, payload)
+        header = msgpack.unpackb(protocol.frame_bytes(reply[1]), raw=False)
         if header.get("code") != 200:
             return reply
         request = msgpack.unpackb(protocol.frame_bytes(header_frame), raw=False, strict_map_key=False)
         header["broker"] = {"signature": request.get("signature") or protocol.DEFAULT_SIGNATURE,
                             "deadline": deadline, "attempt": self._route[3] if self._route else None,
                             "routing_key": request.get("routing_key")}
-        return [msgpack.packb(header, use_bin_type=True), *reply[1:]]
+        return [reply[0], msgpack.packb(header, use_bin_type=True), *reply[2:]]
 
 
 class _NoTensorFlow:

@@ -71,7 +71,7 @@ class Harness:
         return header_frame
 
     def reply(self, worker: bytes, rid: int, header: dict[str, Any], payload: list[bytes] = ()) -> None:
-        frames = [worker, reply_frame(rid), msgpack.packb(header, use_bin_type=True), *payload]
+        frames = [worker, reply_frame(rid, header.get("code", 200)), msgpack.packb(header, use_bin_type=True), *payload]
         self.core.from_worker([zmq.Frame(f) for f in frames])
 
     # -- reading -------------------------------------------------------------------------------

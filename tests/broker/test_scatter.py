@@ -379,7 +379,7 @@ def split_run_merge(runner: Any, tensors: dict[str, np.ndarray], parts: int) -> 
         for name, arr in tensors.items():
             assert arrays[name].tolist() == arr[rows].tolist()
         outputs = runner.run_wire(wire_header["inputs"], p, wire_header.get("output_filter"))
-        g.add(i, *protocol.unpack_header(replies.succeeded(h["id"], outputs, "m", 1, worker=i)))
+        g.add(i, *protocol.unpack_header([protocol.MAGIC, *replies.succeeded(i + 1, h["id"], outputs, "m", 1, worker=i)[1:]]))
     merged_header, merged = gathered(g)
     whole = runner.run_wire(header["inputs"], payload, header.get("output_filter"))
     return merged_header, merged, whole

@@ -54,9 +54,10 @@ class BackendEnd:
         rid = next(self._rids)
         self.sock.send_multipart([self.identity, protocol.route_frame(rid, version, deadline, 0), header_frame])
         command, frames = self._next(REPLY_TIMEOUT, f"the reply to request {rid}")
-        assert command == protocol.reply_frame(rid)
+        header = msgpack.unpackb(frames[0], raw=False)
         assert len(frames) == 1, "an error reply carries no payload frames"
-        return msgpack.unpackb(frames[0], raw=False)
+        assert command == protocol.reply_frame(rid, header["code"]), "the command frame carries the reply's code"
+        return header
 
     def stop(self) -> int:
         """W_STOP; the worker's exit code."""
