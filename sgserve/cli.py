@@ -21,6 +21,7 @@ from sgserve.logs import setup_logging
 from sgserve.process import EXIT_CONFIG_ERROR
 from sgserve.bench.cli import bench
 from sgserve.protocol import default_endpoint
+from sgserve.tfs_flags import TfsFlagsCommand
 
 ENDPOINT_HELP = "broker endpoint (ZeroMQ), default tcp://127.0.0.1:8510 or $SGSERVE_ENDPOINT"
 
@@ -31,10 +32,13 @@ def main() -> None:
     """sgserve: N pinned TensorFlow worker processes serving one shared-memory copy of a model."""
 
 
-@main.command()
+@main.command(cls=TfsFlagsCommand, context_settings={"max_content_width": 120})  # room for the longest SGSERVE_ names
 @settings.click_options
 def start(**options: object) -> None:
-    """Serve a model in the foreground until SIGINT/SIGTERM (or `sgserve stop`)."""
+    """Serve a model in the foreground until SIGINT/SIGTERM (or `sgserve stop`).
+
+    TF Serving's spellings work too (--model_base_path=/m, --enable_batching=true, ...): a
+    tensorflow_model_server launch line runs unchanged (sgserve/tfs_flags.py)."""
     config = settings.config_from_options(options)
     if config.warmup_file:
         config.warmup_file = os.path.abspath(config.warmup_file)

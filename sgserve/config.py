@@ -64,7 +64,13 @@ class ServerConfig:
         0.0, shown_default="0: read once, as TF Serving",
         help="re-read `--model-config-file` this often (seconds), adding and removing models while serving")
     file_system_poll_wait_seconds: float = setting(
-        1.0, shown_default="1 s", help="how often each model's base path is scanned for new or removed versions")
+        1.0, shown_default="1 s", help="how often each model's base path is scanned for new or removed versions; "
+                                       "0 or less: once, at start (as TF Serving)")
+    allow_version_labels_for_unavailable_models: bool = setting(
+        False, shown_default="off",
+        help="a NEW version label in the model config may point at a version that is not loaded yet (it answers "
+             "once that version is available); moving an existing label still needs an available version "
+             "(TF Serving's meaning)")
     max_num_load_retries: int = setting(
         5, help="a failed load (e.g. a version still being copied) is retried this many times, then FAILED")
     load_retry_interval: float = setting(60.0, shown_default="60 s", help="seconds between load retries")
@@ -138,6 +144,30 @@ class ServerConfig:
         1.0, shown_default="1 s", help="seconds between heartbeats, from the broker to each worker and back")
     heartbeat_liveness: int = setting(
         3, help="heartbeat intervals an idle worker may stay silent before it counts as dead and is restarted")
+    # TF Serving's front doors: its gRPC and REST APIs, beside the native ZeroMQ endpoint (sgserve/frontdoor/).
+    port: int = setting(
+        0, shown_default="0: off",
+        help="TF Serving's gRPC port (`PredictionService`, `ModelService`); 0: no gRPC front door. TF Serving "
+             "defaults to 8500; sgserve keeps it off unless asked, so that `sgserve start` alone opens no extra port")
+    rest_api_port: int = setting(
+        0, shown_default="0: off",
+        help="TF Serving's REST port (`/v1/models/...`); 0: off, as in TF Serving. Prometheus metrics "
+             "(`--monitoring-config-file`) and the liveness endpoint `/healthz` are served on it too")
+    rest_api_num_threads: int = setting(
+        0, shown_default="0: 1",
+        help="front-door processes sharing the gRPC and REST ports (SO_REUSEPORT), each one asyncio event loop; "
+             "unlike TF Serving's thread count, 0 means 1")
+    rest_api_timeout_in_ms: int = setting(
+        30000, shown_default="30000 ms",
+        help="REST requests without a deadline of their own get this one (milliseconds)")
+    monitoring_config_file: str | None = setting(
+        None, path=True, shown_default="none: no metrics",
+        help="TF Serving's `MonitoringConfig` text file (`prometheus_config { enable: true path: "
+             "\"/monitoring/prometheus/metrics\" }`): Prometheus metrics on `--rest-api-port`")
+    ssl_config_file: str | None = setting(
+        None, path=True, shown_default="none: plaintext",
+        help="TF Serving's `SSLConfig` text file (`server_key`, `server_cert` and `custom_ca` as PEM text, "
+             "`client_verify`): TLS on `--port`")
     # The process.
     cache_dir: str = setting(
         factory=_default_cache_dir, path=True, shown_default="`~/.cache/sgserve`",

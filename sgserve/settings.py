@@ -35,9 +35,15 @@ class Declared:
     def flag(self) -> str:
         if self.setting.flag:
             return self.setting.flag
-        if self.type is bool and self.default is True:
+        if self.type is bool:  # an off spelling too, so that `--x=false` can beat SGSERVE_X=1
             return f"--{self.dashed}/--no-{self.dashed}"
         return f"--{self.dashed}"
+
+    @property
+    def on_off(self) -> tuple[str, str]:
+        """A boolean's two spellings, on and off (sgserve/tfs_flags.py turns `--x=false` into the off one)."""
+        on, _, off = self.flag.partition("/")
+        return on, off
 
     @property
     def dashed(self) -> str:

@@ -33,6 +33,13 @@ OLD_DEFAULTS = {
 # Constants that became settings, with the values they had.
 NEW_DEFAULTS = {"--worker-pipeline": 2, "--heartbeat-interval": 1.0, "--heartbeat-liveness": 3,
                 "--max-batching-pipeline": 4096, "--log-format": "text"}
+# TF Serving's settings (issue 10), with TF Serving's defaults but --port's (off, not 8500), and every
+# boolean's off spelling (so that `--x=false` beats SGSERVE_X=1).
+TFS_DEFAULTS = {"--port": 0, "--rest-api-port": 0, "--rest-api-num-threads": 0, "--rest-api-timeout-in-ms": 30000,
+                "--monitoring-config-file": None, "--ssl-config-file": None,
+                "--allow-version-labels-for-unavailable-models": False,
+                "--no-allow-version-labels-for-unavailable-models": False, "--no-enable-batching": False,
+                "--no-allow-oversubscribe": False}
 
 
 def start_params(args: list[str]) -> dict[str, object]:
@@ -67,12 +74,12 @@ def test_no_flags_give_server_config_defaults() -> None:
     assert settings.config_from_options(start_params([])) == ServerConfig()
 
 
-@pytest.mark.parametrize("flag", sorted({**OLD_DEFAULTS, **NEW_DEFAULTS}))
+@pytest.mark.parametrize("flag", sorted({**OLD_DEFAULTS, **NEW_DEFAULTS, **TFS_DEFAULTS}))
 def test_flag_spellings_and_defaults_kept(flag: str) -> None:
     by_flag = {f: d for d in settings.declared() for f in d.flag.split("/")}
     assert flag in by_flag, f"{flag} is gone from sgserve start"
     default = getattr(ServerConfig(), by_flag[flag].name)
-    assert default == {**OLD_DEFAULTS, **NEW_DEFAULTS}[flag]
+    assert default == {**OLD_DEFAULTS, **NEW_DEFAULTS, **TFS_DEFAULTS}[flag]
 
 
 def test_flags_reach_server_config() -> None:

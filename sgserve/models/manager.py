@@ -57,6 +57,7 @@ class ModelManager:
         self.versions = VersionTable(config.version_transition, config.max_num_load_retries,
                                      config.load_retry_interval)
         self.config_error: str | None = None
+        self._scanned = False  # the base paths were read once (all --file-system-poll-wait-seconds 0 asks)
         self.refs = SegmentRefs()
         self.loader_cores = list(loader_cores)
         self._config_text = config_text
@@ -79,6 +80,10 @@ class ModelManager:
     @property
     def models(self) -> dict[str, ServedModel]:
         return self.versions.models
+
+    def is_served(self, name: str) -> bool:
+        sm = self.versions.models.get(name)
+        return sm is not None and not sm.removed
 
     # -- where requests go (the hot path) --------------------------------------------------------
     def resolve(self, header: dict[str, Any]) -> ModelSpec:
@@ -213,10 +218,14 @@ class ModelManager:
             self._next_config_poll = now + self.config.model_config_file_poll_wait_seconds
             self.reload_config()
         if now >= self._next_fs_poll:
-            self._next_fs_poll = now + max(self.config.file_system_poll_wait_seconds, 0.05)
+            wait = self.config.file_system_poll_wait_seconds
+            self._next_fs_poll = now + max(wait, 0.05)
+            scan = wait > 0 or not self._scanned  # TF Serving's 0: the base paths are read once
+            self._scanned = True
             for name, sm in list(self.models.items()):
                 if not sm.removed:
-                    self._scan(name)
+                    if scan:
+                        self._scan(name)
                     self._apply(self.versions.reconcile(name, now))
 
     def advance_loader(self, now: float) -> None:
@@ -336,6 +345,17 @@ class ModelManager:
         log.info("model config %s reloaded: %s", path, ", ".join(c.name for c in configs) or "(no models)")
         return True
 
+    def apply_config_text(self, text: str, source: str) -> list[str]:
+        """A ModelServerConfig sent over the wire (TF Serving's HandleReloadConfigRequest), applied as a
+        reloaded --model-config-file is; the file, when there is one, wins again once it changes.
+        Returns the configured model names; ModelConfigError leaves the running config as it is."""
+        configs = parse_model_server_config(text, source)
+        self.check_labels(configs)
+        self.config_error = None
+        self.apply_config(configs)
+        log.info("model config from %s applied: %s", source, ", ".join(c.name for c in configs) or "(no models)")
+        return [c.name for c in configs]
+
     def _config_rejected(self, msg: str) -> bool:
         if self.config_error != msg:
             log.error("model config not applied, the running one stays: %s", msg)
@@ -343,10 +363,17 @@ class ModelManager:
         return False
 
     def check_labels(self, configs: Iterable[ModelConfig]) -> None:
-        """TF Serving's rule: a label may only point at a version that is AVAILABLE."""
+        """TF Serving's rule: a label may only point at a version that is AVAILABLE; with
+        --allow-version-labels-for-unavailable-models, a new label may point anywhere (it answers once its
+        version is available), but an existing one moves only onto an available version."""
+        allow = self.config.allow_version_labels_for_unavailable_models
         for mc in configs:
             sm = self.models.get(mc.name)
-            for label, version in mc.version_labels.items():
+            current = sm.config.version_labels if sm is not None and not sm.removed else {}
+            for label, version in sorted(mc.labels_to_check(current, allow).items()):
+                never = mc.never_served(label, version)
+                if never is not None:
+                    raise never
                 if sm is None or version not in sm.available:
                     state = VersionTable.state_of(sm, version) if sm else "the model is not loaded yet"
                     raise ModelConfigError(

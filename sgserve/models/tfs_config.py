@@ -9,8 +9,10 @@ sources/storage_path/file_system_storage_path_source.cc):
 - ``specific`` serves the listed versions that exist on disk (a listed version that is missing is a
   warning there, not an error); ``all`` serves every integer-named directory;
 - a model name may appear once; ``custom_model_config`` is not something sgserve can load;
-- a version label may only point at a version that is being served (TF Serving's default, without
-  ``--allow_version_labels_for_unavailable_models``); see ModelConfig.check_labels.
+- a version label may only point at a version that is being served; with
+  ``--allow_version_labels_for_unavailable_models`` a NEW label may point at any version (one that
+  is not loaded yet, or that the policy does not serve), but moving an existing label still needs
+  an available version (server_core.cc, UpdateModelVersionLabelMap); see ModelConfig.labels_to_check.
 
 sgserve is more lenient in two places, so that nothing TF Serving accepts is refused: an empty
 ``model_platform`` means "tensorflow", and a relative ``base_path`` is taken relative to the current
@@ -113,10 +115,34 @@ class ModelConfig:
     version_policy: VersionPolicy = VersionPolicy()
     version_labels: dict[str, int] = dataclasses.field(default_factory=dict)
 
-    def check_labels(self, served: Iterable[int]) -> None:
-        """Raises unless every label points at a served version, as TF Serving requires."""
+    def labels_to_check(self, current: dict[str, int] | None = None,
+                        allow_unavailable: bool = False) -> dict[str, int]:
+        """The labels that must point at an available version. All of them, as TF Serving requires; with
+        ``allow_unavailable`` (--allow_version_labels_for_unavailable_models) only those that move a
+        label of ``current`` (the labels now in force) onto another version."""
+        if not allow_unavailable:
+            return dict(self.version_labels)
+        current = current or {}
+        return {label: v for label, v in self.version_labels.items() if label in current and current[label] != v}
+
+    def never_served(self, label: str, version: int) -> ModelConfigError | None:
+        """The error for a label on a version that the specific version policy never serves, if it is one."""
+        policy = self.version_policy
+        if policy.kind != SPECIFIC or version in policy.versions:
+            return None
+        return ModelConfigError(
+            f"model '{self.name}': version label '{label}' points at version {version}, which the specific version "
+            f"policy ({','.join(map(str, policy.versions))}) never serves; add {version} to model_version_policy "
+            f"{{ specific {{ versions: ... }} }} or point the label elsewhere")
+
+    def check_labels(self, served: Iterable[int], current: dict[str, int] | None = None,
+                     allow_unavailable: bool = False) -> None:
+        """Raises unless every label that must (labels_to_check) points at a served version."""
         served = set(served)
-        for label, version in sorted(self.version_labels.items()):
+        for label, version in sorted(self.labels_to_check(current, allow_unavailable).items()):
+            never = self.never_served(label, version)
+            if never is not None:
+                raise never
             if version not in served:
                 have = ", ".join(map(str, sorted(served))) or "none"
                 raise ModelConfigError(
@@ -238,12 +264,7 @@ def _model_config(entry: Any, index: int, text: str, source: str, pb2: Any) -> M
         if version < 0:
             raise ModelConfigError(f"{what}: version label '{label}' points at version {version}; label values "
                                    f"are version numbers (non-negative integers)")
-        if policy.kind == SPECIFIC and version not in policy.versions:
-            raise ModelConfigError(
-                f"{what}: version label '{label}' points at version {version}, which the specific version "
-                f"policy ({','.join(map(str, policy.versions))}) never serves; add {version} to "
-                f"model_version_policy {{ specific {{ versions: ... }} }} or point the label elsewhere")
-        labels[label] = int(version)
+        labels[label] = int(version)  # whether it may point there is check_labels' question
 
     return ModelConfig(name=name, base_path=base_path, platform=TENSORFLOW_PLATFORM, version_policy=policy,
                        version_labels=labels)

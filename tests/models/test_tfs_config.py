@@ -138,9 +138,6 @@ def _config(body: str) -> str:
     (_config("    name: 'm'\n    base_path: '/m'\n    version_labels { key: 'stable' value: -3 }"),
      ["version label 'stable' points at version -3", "non-negative"]),
     (_config("    name: 'm'\n    base_path: '/m'\n    version_labels { key: '' value: 1 }"), ["empty key"]),
-    (_config("    name: 'm'\n    base_path: '/m'\n    model_version_policy { specific { versions: 1 } }\n"
-             "    version_labels { key: 'stable' value: 2 }"),
-     ["label 'stable' points at version 2", "never serves", "add 2 to"]),
     ("model_config_list {\n  config { name: 'a' base_path: '/a' }\n  config { name: 'b' base_path: '/b' }\n"
      "  config { name: 'a' base_path: '/a2' }\n}\n",
      ["models.config:4:", "Illegal to list model a multiple times", "#1 and #3", "unique name"]),
@@ -172,6 +169,33 @@ def test_check_labels_needs_served_versions():
     with pytest.raises(ModelConfigError, match=r"label 'stable' to version 3 of model m, which is not currently "
                                                r"available for inference \(served versions: 4, 5\)"):
         model.check_labels([4, 5])
+
+
+def test_label_on_a_version_the_specific_policy_never_serves():
+    text = _config("    name: 'm'\n    base_path: '/m'\n    model_version_policy { specific { versions: 1 } }\n"
+                   "    version_labels { key: 'stable' value: 2 }")
+    (model,) = parse_model_server_config(text, source="models.config")  # parses: the check needs the flag
+    assert model.version_labels == {"stable": 2}
+    with pytest.raises(ModelConfigError, match=r"label 'stable' points at version 2, which the specific version "
+                                               r"policy \(1\) never serves; add 2 to"):
+        model.check_labels([1])
+    model.check_labels([1], current={}, allow_unavailable=True)  # a new label may point there (TF Serving)
+
+
+def test_allow_version_labels_for_unavailable_models_follows_server_core():
+    """server_core.cc UpdateModelVersionLabelMap: with the flag, a NEW label, or one kept on its
+    version, may point at an unavailable version; moving an existing label onto one may not."""
+    model = ModelConfig("m", "/m", version_labels={"stable": 1, "canary": 3, "kept": 7})
+    current = {"stable": 1, "canary": 2, "kept": 7}
+    assert model.labels_to_check(current, allow_unavailable=False) == {"stable": 1, "canary": 3, "kept": 7}
+    assert model.labels_to_check(current, allow_unavailable=True) == {"canary": 3}  # moved: 2 -> 3
+    assert model.labels_to_check({}, allow_unavailable=True) == {}  # all new
+    model.check_labels([1, 3], current=current, allow_unavailable=True)
+    with pytest.raises(ModelConfigError, match=r"label 'canary' to version 3 of model m, which is not currently "
+                                               r"available for inference \(served versions: 1, 2\)"):
+        model.check_labels([1, 2], current=current, allow_unavailable=True)
+    with pytest.raises(ModelConfigError, match=r"label 'canary' to version 3"):
+        model.check_labels([1, 2], current={"stable": 1, "canary": 3, "kept": 7})  # flag off: every label
 
 
 def test_describe():
