@@ -9,10 +9,10 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 .venv/bin/python -m pip install -q -e '.[cpu,test]'
-# The [serving-apis] extra (pyproject.toml): TF Serving's config, warmup (PredictionLog) and model
-# protos. Its requirements are installed without their dependencies: tensorflow-serving-api requires
-# the `tensorflow` wheel, which would replace `tensorflow-cpu`; its *_pb2 modules need only the
-# protobuf and tensorflow that are already installed (no grpc for sgserve).
+# The [serving-apis] extra (pyproject.toml): TF Serving's config, warmup (PredictionLog), model and
+# service protos and gRPC stubs. Its requirements are installed without their dependencies:
+# tensorflow-serving-api requires the `tensorflow` wheel, which would replace `tensorflow-cpu`; its
+# modules need only the protobuf, grpcio and tensorflow that are already installed.
 serving_apis=$(.venv/bin/python -c '
 from importlib.metadata import requires
 print(" ".join(r.split(";")[0].strip() for r in requires("sgserve") or () if "serving-apis" in r))')
@@ -25,7 +25,8 @@ fi
 # A broken install fails here, not later in the tests (found, not imported: that would import TensorFlow).
 .venv/bin/python -c '
 import importlib.util, sys
-for name in ("tensorflow_serving.apis.prediction_log_pb2", "tensorflow_serving.config.model_server_config_pb2"):
+for name in ("tensorflow_serving.apis.prediction_log_pb2", "tensorflow_serving.config.model_server_config_pb2",
+             "tensorflow_serving.apis.prediction_service_pb2_grpc"):
     try:
         found = importlib.util.find_spec(name)
     except ImportError:

@@ -11,7 +11,7 @@ import logging
 import os
 import signal
 import shutil
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from sgserve.models import shared_segment
 from sgserve.models.manager import ModelManager
@@ -24,25 +24,46 @@ from sgserve.models.loader_service import LoaderDied, LoaderService
 from sgserve.models.tfs_config import (ModelConfig, parse_model_server_config, parse_version_policy,
                                 read_model_server_config)
 
+if TYPE_CHECKING:
+    from sgserve.frontdoor.launcher import FrontDoor
+
 log = logging.getLogger(__name__)
 
 
 def check_endpoint_free(endpoint: str) -> None:
     """Fails fast when a tcp endpoint's port is taken, before minutes of model loading."""
-    import socket  # noqa: PLC0415
-
     if not endpoint.startswith("tcp://"):
         return
     host, _, port = endpoint[len("tcp://"):].rpartition(":")
     if not port.isdigit() or host in ("*", ""):
         return
-    host = host.strip("[]")
+    _check_port_free(host.strip("[]"), int(port), endpoint)
+
+
+def _check_port_free(host: str, port: int, what: str) -> None:
+    import socket  # noqa: PLC0415
+
     fam = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(fam, socket.SOCK_STREAM) as s:
         try:
-            s.bind((host, int(port)))
+            s.bind((host, port))
         except OSError as exc:
-            raise ConfigError(f"cannot listen on {endpoint}: {exc.strerror} (is another server running there?)") from None
+            raise ConfigError(f"cannot listen on {what}: {exc.strerror} (is another server running there?)") from None
+
+
+def front_door(config: ServerConfig) -> FrontDoor | None:
+    """The gRPC/REST gateway processes --port and --rest-api-port ask for (None: neither); their
+    ports and TF Serving's monitoring and SSL config files are checked now, before any load."""
+    from sgserve.frontdoor.config_files import check_front_door_files  # noqa: PLC0415
+    from sgserve.frontdoor.launcher import FrontDoor, gateway_specs  # noqa: PLC0415
+
+    monitoring, ssl = check_front_door_files(config)
+    for flag, port in (("--port", config.port), ("--rest-api-port", config.rest_api_port)):
+        if port:
+            _check_port_free("0.0.0.0", port, f"{flag} {port}")
+    metrics_path = monitoring.path if monitoring is not None and monitoring.prometheus_enabled else None
+    specs = gateway_specs(config, metrics_path, dataclasses.asdict(ssl) if ssl is not None else None)
+    return FrontDoor(specs) if specs else None
 
 
 def resolve_batching(config: ServerConfig) -> ServerConfig:
@@ -160,6 +181,7 @@ class _Checked:
     policy: Any
     models: list[ModelConfig]
     config_text: str | None
+    front_door: FrontDoor | None
 
 
 def check(config: ServerConfig) -> _Checked:
@@ -182,7 +204,7 @@ def check(config: ServerConfig) -> _Checked:
                           f"got {config.version_transition!r}")
     models, config_text = model_configs(config)
     check_endpoint_free(config.endpoint)
-    return _Checked(config, cores, policy, models, config_text)
+    return _Checked(config, cores, policy, models, config_text, front_door(config))
 
 
 def announce_serving(config: ServerConfig, specs: list[ModelSpec]) -> None:
@@ -225,7 +247,8 @@ def run(config: ServerConfig, *, worker_command: list[str] | None = None,
                 on_ready()
 
         broker = Broker(config, manager, server_id=sid, backend_endpoint=f"ipc://{runtime_dir}/backend",
-                        worker_command=worker_command, on_ready=ready, cores=checked.cores, policy=checked.policy)
+                        worker_command=worker_command, on_ready=ready, cores=checked.cores, policy=checked.policy,
+                        front_door=checked.front_door)
         rc = broker.run()
         if rc != 0 and getattr(broker, "fatal_error", None):
             log.error("%s", broker.fatal_error)

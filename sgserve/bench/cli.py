@@ -11,7 +11,7 @@ from sgserve.errors import ServeError
 from sgserve.protocol import default_endpoint
 
 ENDPOINT_HELP = ("where to send load: tcp://HOST:PORT or ipc://PATH (sgserve protocol), http://HOST:PORT "
-                 "(TF Serving REST API); a comma list compares them interleaved. Default tcp://127.0.0.1:8510 "
+                 "(TF Serving REST API), grpc://HOST:PORT (TF Serving gRPC API); a comma list compares them interleaved. Default tcp://127.0.0.1:8510 "
                  "or $SGSERVE_ENDPOINT")
 
 

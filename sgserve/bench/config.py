@@ -38,14 +38,16 @@ def as_list(value: Any) -> list[Any]:
 
 
 def endpoint_kind(url: str) -> str:
-    """'sgserve' for ZeroMQ endpoints, 'http' for TF Serving REST ones."""
+    """'sgserve' for ZeroMQ endpoints, 'http' for TF Serving REST ones, 'grpc' for its gRPC ones."""
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     if scheme in ("tcp", "ipc"):
         return "sgserve"
     if scheme in ("http", "https"):
         return "http"
-    raise ValueError(f"endpoint {url!r}: use tcp://HOST:PORT or ipc://PATH (sgserve), or http(s)://HOST:PORT "
-                     f"(TF Serving REST)")
+    if scheme == "grpc":
+        return "grpc"
+    raise ValueError(f"endpoint {url!r}: use tcp://HOST:PORT or ipc://PATH (sgserve), http(s)://HOST:PORT "
+                     f"(TF Serving REST) or grpc://HOST:PORT (TF Serving gRPC)")
 
 
 @dataclasses.dataclass

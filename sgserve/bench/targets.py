@@ -1,4 +1,5 @@
-"""The servers a benchmark can load: an sgserve broker over ZeroMQ, or a TF Serving REST endpoint.
+"""The servers a benchmark can load: an sgserve broker over ZeroMQ, or a TF Serving REST endpoint
+(grpc_target.py adds TF Serving gRPC endpoints).
 
 Each target answers its model's signature once (to synthesize inputs) and hands every sender thread
 a session whose ``send`` reports one request's outcome as a status string, never raising: the
@@ -258,8 +259,13 @@ class HttpSession:
         self._drop()
 
 
-Endpoint = SgserveEndpoint | HttpEndpoint
+Endpoint = Any  # SgserveEndpoint | HttpEndpoint | grpc_target.GrpcEndpoint
 
 
 def open_endpoint(url: str, cfg: BenchConfig) -> Endpoint:
-    return SgserveEndpoint(url, cfg) if endpoint_kind(url) == "sgserve" else HttpEndpoint(url, cfg)
+    kind = endpoint_kind(url)
+    if kind == "grpc":
+        from sgserve.bench.grpc_target import GrpcEndpoint  # noqa: PLC0415 - grpc only when asked for
+
+        return GrpcEndpoint(url, cfg)
+    return SgserveEndpoint(url, cfg) if kind == "sgserve" else HttpEndpoint(url, cfg)

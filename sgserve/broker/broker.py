@@ -30,8 +30,12 @@ from sgserve.broker.rollout import Rollout
 from sgserve.broker.supervisor import STOP_GRACE, Fatal, Supervisor, assign_cores
 from sgserve.broker.worker_table import WorkerSlot, WorkerState, WorkerTable
 from sgserve.config import ServerConfig
-from sgserve.protocol import (METADATA, PIN, PING, SHUTDOWN, STATUS, UNPIN, W_HEARTBEAT, W_LOADED, W_READY, W_STOP,
-                              W_UNLOADED, recv_frames, send_frames)
+from sgserve.process import EXIT_CONFIG_ERROR
+from sgserve.errors import InvalidArgument
+from sgserve.frontdoor.launcher import FrontDoor
+from sgserve.models.tfs_config import ModelConfigError
+from sgserve.protocol import (METADATA, METRICS, PIN, PING, RELOAD_CONFIG, SHUTDOWN, STATUS, UNPIN, W_HEARTBEAT,
+                              W_LOADED, W_READY, W_STOP, W_UNLOADED, recv_frames, send_frames)
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +61,10 @@ class Broker:
                  server_id: str, backend_endpoint: str, worker_command: list[str] | None = None,
                  on_ready: Callable[[], None] | None = None,
                  cores: Sequence[Sequence[int]] | None = None,
-                 policy: DispatchPolicy | None = None) -> None:
-        """``manager`` owns the model versions; the broker closes it when ``run()`` returns."""
+                 policy: DispatchPolicy | None = None, front_door: FrontDoor | None = None) -> None:
+        """``manager`` owns the model versions; the broker closes it when ``run()`` returns.
+        ``front_door``: the gRPC/REST gateway processes, started once every worker is READY (so the
+        ports open when the server can serve, as TF Serving's do), supervised and stopped here."""
         self.config = config
         self.server_id = server_id
         self.on_ready = on_ready
@@ -66,6 +72,7 @@ class Broker:
         self.policy: DispatchPolicy = policy if policy is not None else load_policy(config.policy)
         self.table = WorkerTable(config.workers, config.worker_pipeline)
         self.manager = manager
+        self.front_door = front_door
         if cores is None:
             cores = assign_cores(config.workers, config.cpus_per_worker,
                                  allow_oversubscribe=config.allow_oversubscribe)
@@ -89,11 +96,13 @@ class Broker:
             self.close()
             raise
         self.endpoint: str = self.frontend.getsockopt_string(zmq.LAST_ENDPOINT)
+        if front_door is not None:
+            front_door.connect_to(self.endpoint)
         self.backend_endpoint: str = self.backend.getsockopt_string(zmq.LAST_ENDPOINT)
         self.core = RoutingCore(config, self.table, self.policy, resolve=self.manager.resolve,
                                 to_client=self._send_client, to_worker=self._send_worker, admin=self._admin,
                                 on_control=self._on_control, on_lost=self._on_lost,
-                                split_verdict=self.manager.split_verdict)
+                                split_verdict=self.manager.split_verdict, served=self.manager.is_served)
         self.rollout = Rollout(config, self.table, self.manager, send=self._send_worker,
                                requests_for=self.core.requests_for)
         self.supervisor = Supervisor(config, self.rollout.specs_for_spawn, self.table,
@@ -213,7 +222,21 @@ class Broker:
             return self.manager.pin(header.get("model"), header.get("version"))
         if rtype == UNPIN:
             return self.manager.unpin(header.get("model"))
+        if rtype == METRICS:
+            return {"stats": self.core.stats.snapshot(), "status": self.status()}
+        if rtype == RELOAD_CONFIG:
+            return self._reload_config(header)
         raise AssertionError(f"request type {rtype!r} reached the broker's admin handler")
+
+    def _reload_config(self, header: dict[str, Any]) -> dict[str, Any]:
+        text = header.get("config")
+        if type(text) is not str:
+            raise InvalidArgument("reload_config needs 'config': a ModelServerConfig in protobuf text format")
+        try:
+            models = self.manager.apply_config_text(text, "a reload_config request")
+        except ModelConfigError as exc:
+            raise InvalidArgument(f"model config not applied, the running one stays: {exc}") from None
+        return {"models": models}
 
     def _metadata(self, header: dict[str, Any]) -> dict[str, Any]:
         spec = self.manager.resolve(header)
@@ -233,6 +256,7 @@ class Broker:
             "config_error": self.manager.config_error,
             "loader": self.manager.loader_status(),
             "queued": len(self.core.queue),
+            "gateways": self.front_door.pids() if self.front_door is not None else [],
             "split": {"min_rows": self.config.split_min_rows, "requests": self.core.split_requests,
                       "parts": self.core.split_parts},
         }
@@ -287,6 +311,8 @@ class Broker:
         if not self._announced_ready and self.table.all_ready():
             self._announced_ready = True
             log.info("all %d workers READY; serving on %s", self.table.size, self.endpoint)
+            if self.front_door is not None:
+                self.front_door.start()
             if self.on_ready is not None:
                 try:
                     self.on_ready()
@@ -332,6 +358,11 @@ class Broker:
                 return
         if self._stopping:
             return
+        if self.front_door is not None:
+            reason = self.front_door.poll(now)
+            if reason is not None:
+                self._fatal(Fatal(reason, EXIT_CONFIG_ERROR))
+                return
         failure = self.supervisor.boot_overdue(now) or self.supervisor.restart_due(now)
         if failure is not None:
             self._fatal(failure)
@@ -356,6 +387,11 @@ class Broker:
 
     def _shutdown(self) -> None:
         """Answers whatever is left, stops every worker process, closes the sockets. Never raises."""
+        try:
+            if self.front_door is not None:
+                self.front_door.stop()
+        except Exception:  # noqa: BLE001
+            log.exception("error while stopping the gateway processes")
         try:
             reason = "server is shutting down"
             if self.fatal_error is not None:
