@@ -344,15 +344,17 @@ _SNDMORE = int(zmq.SNDMORE)
 _send = zmq.backend.Socket.send
 
 
-def send_frames(sock: zmq.Socket, frames: Sequence[Any]) -> None:
+def send_frames(sock: zmq.Socket, frames: Sequence[Any], flags: int = 0) -> None:
     """send_multipart(copy=False) without pyzmq's per-call type checks and enum flag arithmetic,
     which cost more than the send itself at this message size. Frames may be bytes, buffers or
-    received zmq.Frames (forwarded without a copy); pyzmq copies small ones, which is cheaper."""
+    received zmq.Frames (forwarded without a copy); pyzmq copies small ones, which is cheaper.
+    ``flags``: zmq.NOBLOCK raises zmq.Again on the first frame when the queue is full (the others
+    then go too: ZeroMQ queues a multipart message whole)."""
     send = _send
     last = len(frames) - 1
     for i in range(last):
-        send(sock, frames[i], _SNDMORE, False)
-    send(sock, frames[last], 0, False)
+        send(sock, frames[i], _SNDMORE | flags, False)
+    send(sock, frames[last], flags, False)
 
 
 def recv_frames(sock: zmq.Socket, flags: int = 0) -> list[zmq.Frame]:

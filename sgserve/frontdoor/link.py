@@ -15,23 +15,30 @@ from typing import Any, Mapping
 
 import numpy as np
 import zmq
-import zmq.asyncio
 
-from sgserve.errors import DeadlineExceeded, Internal, ServeError, error_from_code
-from sgserve.protocol import OK, decode_tensors, pack, unpack_header
+from sgserve.errors import DeadlineExceeded, Internal, ResourceExhausted, ServeError, error_from_code
+from sgserve.protocol import OK, decode_tensors, pack, recv_frames, send_frames, unpack_header
 
 log = logging.getLogger(__name__)
 
 REPLY_GRACE = 0.5  # seconds past a request's own timeout to wait for the broker's 504
+_NOBLOCK = int(zmq.NOBLOCK)
 SNDHWM = 100_000  # requests queued towards the broker before sends block (ZeroMQ's high-water mark)
 
 
 class BrokerLink:
-    """Native requests from coroutines of one event loop; see the module docstring."""
+    """Native requests from coroutines of one event loop; see the module docstring.
+
+    The socket is a plain (not zmq.asyncio) DEALER whose file descriptor the loop watches: sends
+    never block (a full queue towards the broker is a 429 at once), and replies are drained when
+    the descriptor signals. ZeroMQ's descriptor is edge-triggered, so every send is followed by a
+    look at the socket's events (a send can consume the edge that announced a reply). Measured
+    against zmq.asyncio's futures in docs/architecture.md section 12.
+    """
 
     def __init__(self, endpoint: str) -> None:
         self.endpoint = endpoint
-        self._ctx = zmq.asyncio.Context()
+        self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.SNDHWM, SNDHWM)
@@ -39,12 +46,14 @@ class BrokerLink:
         self._sock.connect(endpoint)
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future] = {}
-        self._reader: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain_scheduled = False
 
     def start(self) -> None:
         """Starts reading replies; call from inside the running loop."""
-        if self._reader is None:
-            self._reader = asyncio.get_running_loop().create_task(self._read_replies())
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+            self._loop.add_reader(self._sock.getsockopt(zmq.FD), self._drain)
 
     async def call(self, header: dict[str, Any], tensors: Mapping[str, np.ndarray] | None = None,
                    timeout: float | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -53,10 +62,15 @@ class BrokerLink:
         header["id"] = request_id
         if timeout is not None:
             header["timeout_ms"] = timeout * 1000.0
-        future = asyncio.get_running_loop().create_future()
+        future = self._loop.create_future()
         self._waiting[request_id] = future
         try:
-            await self._sock.send_multipart(pack(header, tensors), copy=False)
+            try:
+                send_frames(self._sock, pack(header, tensors), _NOBLOCK)
+            except zmq.Again:
+                raise ResourceExhausted(f"gateway overloaded: {SNDHWM} requests queued towards the broker; "
+                                        f"retry later") from None
+            self._after_send()
             wait = None if timeout is None else timeout + min(REPLY_GRACE, 0.05 + timeout / 2)
             try:
                 reply, payload = await asyncio.wait_for(future, wait)
@@ -70,22 +84,32 @@ class BrokerLink:
         outputs = decode_tensors(reply.get("outputs"), payload, "outputs") if reply.get("outputs") else {}
         return reply, outputs
 
-    async def _read_replies(self) -> None:
-        sock = self._sock
+    def _after_send(self) -> None:
+        if not self._drain_scheduled and self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            self._drain_scheduled = True
+            self._loop.call_soon(self._drain)
+
+    def _drain(self) -> None:
+        """Reads every reply waiting on the socket and wakes its caller."""
+        self._drain_scheduled = False
+        sock, waiting = self._sock, self._waiting
         while True:
-            frames = await sock.recv_multipart(copy=False)
+            try:
+                frames = recv_frames(sock, _NOBLOCK)
+            except zmq.Again:
+                return
             try:
                 reply, payload = unpack_header(frames)
             except ServeError as exc:
                 log.error("dropping an unreadable reply from the broker: %s", exc.message)
                 continue
-            future = self._waiting.get(reply.get("id"))  # absent: its caller gave up (timeout)
+            future = waiting.get(reply.get("id"))  # absent: its caller gave up (timeout)
             if future is not None and not future.done():
                 future.set_result((reply, payload))
 
     def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(self._sock.getsockopt(zmq.FD))
         for future in self._waiting.values():
             if not future.done():
                 future.set_exception(Internal("the gateway is stopping"))
