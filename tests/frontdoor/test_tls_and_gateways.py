@@ -2,6 +2,7 @@
 gateway processes sharing the ports (--rest_api_num_threads), one of which dies and comes back."""
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import pytest
 import requests
 
 from tests.conftest import free_port, wait_until
+from tests.frontdoor.conftest import model_config
 
 tf = pytest.importorskip("tensorflow")
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc  # noqa: E402
@@ -50,14 +52,17 @@ def request(x: float) -> predict_pb2.PredictRequest:
     return req
 
 
-def test_tls_with_client_certificates_and_two_gateways(start_server, models_dir, tmp_path):
+def test_tls_with_client_certificates_and_two_gateways(start_server, frontdoor_models, tmp_path):
+    """Also --rest_api_timeout_in_ms: a REST request that waits longer in the queue gets 504, unrun."""
     pki = make_pki(str(tmp_path))
     ssl = tmp_path / "ssl.config"
     ssl.write_text(pem_field("server_key", pki["server.key"]) + pem_field("server_cert", pki["server.pem"])
                    + pem_field("custom_ca", pki["ca.pem"]) + "client_verify: true\n")
     grpc_port, rest_port = free_port(), free_port()
-    server = start_server([f"--model_base_path={models_dir}/hpt", "--model_name=hpt", f"--port={grpc_port}",
-                           f"--rest_api_port={rest_port}", f"--ssl_config_file={ssl}", "--rest_api_num_threads=2",
+    config = tmp_path / "models.config"
+    config.write_text(model_config({name: frontdoor_models[name] for name in ("hpt", "slow")}))
+    server = start_server([f"--model_config_file={config}", f"--port={grpc_port}", f"--rest_api_port={rest_port}",
+                           f"--ssl_config_file={ssl}", "--rest_api_num_threads=2", "--rest_api_timeout_in_ms=500",
                            "--workers", "1"])
     rest = f"http://127.0.0.1:{rest_port}"
 
@@ -78,6 +83,17 @@ def test_tls_with_client_certificates_and_two_gateways(start_server, models_dir,
         with channel, pytest.raises(grpc.RpcError) as err:
             prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request(1.0), 5)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+    # The one worker busy with two slow requests: a REST predict waits past its 500 ms and gets 504.
+    with server.client(60) as native, concurrent.futures.ThreadPoolExecutor(2) as pool:
+        slow = {"x": np.array([1.0], np.float32), "n": np.array([40_000], np.int32)}
+        busy = [pool.submit(native.predict, "slow", slow) for _ in range(2)]
+        wait_until(lambda: native.status()["workers"][0]["inflight"] == 2, 30, "the worker to hold both")
+        served = native.status()["workers"][0]["served"]
+        late = requests.post(rest + "/v1/models/hpt:predict", json={"instances": [1.0]}, timeout=30)
+        assert late.status_code == 504 and "deadline exceeded" in late.json()["error"], late.text
+        assert [f.result()["y"].tolist() for f in busy] == [[2.0], [2.0]]
+        assert native.status()["workers"][0]["served"] == served + 2, "the expired request must not run"
 
     # One gateway killed: once it has exited (its listening sockets closed; a connection the kernel
     # had queued on them is reset), the other serves the port alone until the broker replaces it.
