@@ -90,6 +90,17 @@ async def serve(spec: GatewaySpec) -> None:
         link.close()
 
 
+def _run(main_coroutine) -> None:  # noqa: ANN001
+    """On uvloop where it is installed: a bare grpc.aio echo's p50 fell from 574 to 477 us with it
+    (docs/architecture.md section 12); the default loop otherwise."""
+    try:
+        import uvloop  # noqa: PLC0415
+    except ImportError:
+        asyncio.run(main_coroutine)
+        return
+    uvloop.run(main_coroutine)
+
+
 def _credentials(grpc, ssl: dict):  # noqa: ANN001, ANN202 - grpc is imported lazily
     """TF Serving's SSLConfig: PEM text of the key, the certificate and (optionally) the client CA."""
     ca = ssl.get("custom_ca") or None
@@ -106,7 +117,7 @@ def main(spec_json: str) -> None:
     set_process_name(f"sgserve-gateway-{spec.index}")
     setup_logging("gateway")
     try:
-        asyncio.run(serve(spec))
+        _run(serve(spec))
     except OSError as exc:  # a port taken: the server refuses to start, as for its own endpoint
         log.error("gateway %d cannot serve: %s", spec.index, exc)
         sys.exit(EXIT_CONFIG_ERROR)
