@@ -8,6 +8,9 @@ Systems (N = --workers, K = --cpus-per-worker; bench/peers/ holds one module per
                     shared-memory copy of the variables (the real CLI, bench/_common.py's Server)
   sgserve_batching  the same with `--enable-batching --batching-parameters-file F` (skipped with a
                     note while `sgserve start` has no such flag)
+  sgserve_rest      the same with `--rest_api_port=P`, driven over http:// with TF Serving's REST
+                    API through sgserve's gateway process, exactly as gunicorn_flask is driven
+  sgserve_grpc      the same with `--port=P`, driven over grpc:// with TF Serving's stock stub
   tf_threads        one process, one tf.saved_model.load, N threads calling the signature, pinned
                     to all N*K cores (peers/zmq_server.py); sgserve's wire protocol, so the
                     transport is the same as sgserve's and only the execution layout differs
@@ -36,6 +39,8 @@ other TensorFlow processes on the machine share the library pages.
     python bench/bench_peers.py                      # full: demo + cnn, c=1,4,16,64, 10 s a point
     python bench/bench_peers.py --quick              # c=1,8, 3 s a point, one repeat
     python bench/bench_peers.py --workers 4 --cpus-per-worker 4     # a 16-core box
+    python bench/bench_peers.py --models widedeep --systems sgserve_rest,gunicorn_flask,sgserve \
+        --concurrency 8          # issue 10's REST target: sgserve REST QPS >= 3x gunicorn + Flask
 """
 from __future__ import annotations
 
@@ -71,12 +76,16 @@ class Loadgen:
     sweep: bool  # -c takes a list and --json writes {"points": [...]}
     http: bool  # http:// endpoints (TF Serving REST)
     help_text: str
+    grpc: bool = False  # grpc:// endpoints (TF Serving gRPC)
 
     @classmethod
     def detect(cls) -> "Loadgen":
         text = S.cli_help("bench")
         new = "--rate" in text
-        return cls(sweep=new, http=new or "http://" in text, help_text=text)
+        return cls(sweep=new, http=new or "http://" in text, help_text=text, grpc="grpc://" in text)
+
+    def drives(self, protocol: str) -> bool:
+        return {"rest": self.http, "grpc": self.grpc}.get(protocol, True)
 
 
 def loadgen_cmd(model: S.ModelRef, endpoint: str, conc: str, args, out_json: str) -> list[str]:
@@ -164,6 +173,10 @@ def fixed_inputs(kind: str) -> dict[str, Any]:
         return {"image": np.random.default_rng(0).standard_normal((2, 32, 32, 3)).astype("float32")}
     if kind == "embedding":
         return {"ids": np.array([0, 1, 123456, 4_000_000], dtype="int64")}
+    if kind == "widedeep":
+        ids = np.array([1, 2, 3, 999_999], dtype="int64")
+        return {"user_id": ids, "item_id": ids * 7, "category": ids % 13,
+                "numeric": np.random.default_rng(0).standard_normal((4, 8)).astype("float32")}
     return {"user_id": np.array([1, 2, 3, 999_999], dtype="int64"), "item_id": np.array([10, 20, 30, 5], dtype="int64")}
 
 
@@ -200,8 +213,9 @@ def run_system(key: str, model: S.ModelRef, layout: S.Layout, args, lg: Loadgen,
             if not rec["outputs_check"]["match"]:
                 C.log(f"WARNING: {key}: outputs differ from {refs[model.kind][0]}'s: {rec['outputs_check']}")
         rec["memory_after_start"] = {k: v for k, v in system.memory().items() if k != "per_process"}
-        if system.protocol == "rest" and not lg.http:
-            rec["notes"].append("not load-tested: this tree's `sgserve bench` cannot drive http:// endpoints yet")
+        if not lg.drives(system.protocol):
+            rec["notes"].append(f"not load-tested: this tree's `sgserve bench` cannot drive {system.protocol} "
+                                f"endpoints yet")
             rec["status"] = "no_load"
         else:
             if args.quiet_wait > 0:
@@ -291,6 +305,22 @@ def summarize(runs: list[dict], concs: list[int], target: float) -> dict[str, di
     return out
 
 
+def qps_ratios(summary: dict, concs: list[int], base: str = "gunicorn_flask") -> dict[str, dict[str, Any]]:
+    """Per model: each system's QPS over `base`'s at every concurrency (issue 10's REST target is
+    sgserve_rest / gunicorn_flask at 8 clients, >= 3)."""
+    out: dict[str, dict[str, Any]] = {}
+    for model, by_sys in summary.items():
+        ref = by_sys.get(base, {}).get("points", {})
+        for key, s in by_sys.items():
+            if key == base:
+                continue
+            r = {str(c): round(s["points"][str(c)]["qps"] / ref[str(c)]["qps"], 2) for c in concs
+                 if s["points"].get(str(c), {}).get("qps") and ref.get(str(c), {}).get("qps")}
+            if r:
+                out.setdefault(model, {})[f"{key} / {base}"] = r
+    return out
+
+
 def fmt(x: Any, spec: str = ".1f") -> str:
     return "-" if x is None else format(x, spec)
 
@@ -325,6 +355,9 @@ def print_tables(summary: dict, concs: list[int], target: float, result: dict) -
                 print(f"  {key}: OUTPUTS DIFFER from the reference system's")
             if s["leftovers"]:
                 print(f"  {key}: LEFT BEHIND after stop: {s['leftovers']}")
+    for model, ratios in result.get("qps_ratios", {}).items():
+        for what, r in ratios.items():
+            print(f"  {model}: QPS {what}: " + ", ".join(f"c={c} {v:.2f}x" for c, v in r.items()))
 
 
 def plot(summary: dict, concs: list[int], target: float, result: dict, name: str) -> None:
@@ -333,7 +366,8 @@ def plot(summary: dict, concs: list[int], target: float, result: dict, name: str
         return
     models = list(summary)
     fig, axes = plt.subplots(len(models), 2, figsize=(13, 4.6 * len(models)), squeeze=False)
-    colors = {"sgserve": "tab:green", "sgserve_batching": "tab:olive", "tf_threads": "tab:gray",
+    colors = {"sgserve": "tab:green", "sgserve_batching": "tab:olive", "sgserve_rest": "tab:cyan",
+              "sgserve_grpc": "tab:brown", "tf_threads": "tab:gray",
               "naive_procs": "tab:blue", "gunicorn_flask": "tab:red", "ray_serve": "tab:purple"}
     for row, model in enumerate(models):
         ax, axm = axes[row]
@@ -394,7 +428,7 @@ def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workers", type=int, default=2, help="N: sgserve workers, threads, processes, replicas (default 2)")
     ap.add_argument("--cpus-per-worker", type=int, default=1, help="K cores per worker (default 1)")
-    ap.add_argument("--models", default="demo,cnn", help="comma-separated: demo, cnn, embedding (default demo,cnn)")
+    ap.add_argument("--models", default="demo,cnn", help="comma-separated: demo, cnn, embedding, widedeep (default demo,cnn)")
     ap.add_argument("--systems", default=",".join(ALL_SYSTEMS), help=f"comma-separated subset of {','.join(ALL_SYSTEMS)}")
     ap.add_argument("--concurrency", default="1,4,16,64", help="closed-loop concurrency sweep (default 1,4,16,64)")
     ap.add_argument("--duration", type=float, default=10.0, help="measured seconds per point (default 10)")
@@ -405,6 +439,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--cnn-batch", type=int, default=4, help="images per request for cnn (default 4)")
     ap.add_argument("--embedding-batch", type=int, default=256, help="ids per request for embedding (default 256)")
     ap.add_argument("--embedding-gib", type=float, default=1.0, help="size of the optional embedding model (default 1)")
+    ap.add_argument("--widedeep-batch", type=int, default=16, help="rows per request for widedeep (default 16)")
     ap.add_argument("--request-timeout", type=float, default=30.0, help="per-request timeout in the load generator (default 30)")
     ap.add_argument("--start-timeout", type=float, default=300.0, help="seconds a system may take to come up (default 300)")
     ap.add_argument("--batching-parameters-file", default=None,
@@ -457,8 +492,10 @@ def main() -> int:
         return 2
     lg = Loadgen.detect()
     C.log(f"load generator: {'sweep + http' if lg.sweep else 'one concurrency per call'}"
-          f"{'' if lg.http else '; no http:// support yet: REST systems are started and checked but not load-tested'}")
-    batch = {"demo": args.demo_batch, "cnn": args.cnn_batch, "embedding": args.embedding_batch}
+          f"{'' if lg.http else '; no http:// support yet: REST systems are started and checked but not load-tested'}"
+          f"{'' if lg.grpc else '; no grpc:// support yet: gRPC systems are started and checked but not load-tested'}")
+    batch = {"demo": args.demo_batch, "cnn": args.cnn_batch, "embedding": args.embedding_batch,
+             "widedeep": args.widedeep_batch}
     model_refs = []
     for kind in args.models:
         base, info = peer_models.ensure(kind, embedding_gib=args.embedding_gib)
@@ -472,7 +509,7 @@ def main() -> int:
                    "duration": args.duration, "warmup": args.warmup, "repeats": args.repeats,
                    "p99_target_ms": args.p99_target_ms, "max_error_rate_at_target": MAX_ERROR_RATE,
                    "request_timeout": args.request_timeout, "allow_oversubscribe": oversub,
-                   "loadgen": {"sweep": lg.sweep, "http": lg.http}},
+                   "loadgen": {"sweep": lg.sweep, "http": lg.http, "grpc": lg.grpc}},
         "packages": {p: C._pkg_version(p) for p in ("flask", "gunicorn", "ray", "werkzeug", "starlette", "uvicorn")},
         "runs": [],
     }
@@ -494,6 +531,7 @@ def main() -> int:
         result["interrupted"] = True
     result["seconds"] = round(time.monotonic() - t_start, 1)
     result["summary"] = summarize(result["runs"], args.concurrency, args.p99_target_ms)
+    result["qps_ratios"] = qps_ratios(result["summary"], args.concurrency)
     C.write_json(args.name, result)
     print_tables(result["summary"], args.concurrency, args.p99_target_ms, result)
     plot(result["summary"], args.concurrency, args.p99_target_ms, result, args.name)

@@ -10,6 +10,13 @@
   outputs for both models.
 - ``embedding``: bench/_models.py's single-table model at ``gib`` GiB (optional; makes the memory
   difference between the layouts visible at a realistic model size).
+- ``widedeep``: a Keras wide & deep recommender (the classic of Cheng et al. 2016), random seeded
+  weights: a wide linear part over hashed crosses (user x item, 100,000 bins; item x category,
+  10,000 bins) and the category id, plus a deep part: embeddings of user_id (50,000 x 32), item_id
+  (20,000 x 32) and category (1,000 x 8) concatenated with 8 numeric features through Dense
+  256 -> 128 -> 64 -> 1. serving_default(user_id, item_id, category int64[None],
+  numeric float32[None, 8]) -> logit, prob float32[None, 1]; about 9.5 MB of variables. Exported
+  with ``model.export``; ids are taken modulo each table's size in the graph, so any int64 works.
 
 Each build runs in a child process (``python bench/peers/models.py KIND --out DIR``), so the
 benchmark driver never holds TensorFlow.
@@ -29,7 +36,7 @@ BENCH_DIR = os.path.dirname(PEERS_DIR)
 sys.path.insert(0, BENCH_DIR)
 from _common import CACHE_DIR, REPO, log  # noqa: E402
 
-MODELS = ("demo", "cnn", "embedding")
+MODELS = ("demo", "cnn", "embedding", "widedeep")
 CNN_SEED = 7
 
 
@@ -53,8 +60,52 @@ def build_cnn(out: str) -> dict:
     return {"variable_bytes": int(sum(int(w.numpy().size) * 4 for w in model.weights)), "flops_per_image": flops}
 
 
-def _ensure_cnn() -> tuple[str, dict]:
-    base = os.path.join(CACHE_DIR, "models", "peers_cnn")
+WD_USERS, WD_ITEMS, WD_CATEGORIES, WD_NUMERIC = 50_000, 20_000, 1_000, 8
+WD_CROSS_UI, WD_CROSS_IC = 100_000, 10_000
+WD_SEED = 11
+
+
+def build_widedeep(out: str) -> dict:
+    """Wide & deep over three int64 ids and 8 numeric features; see the module docstring."""
+    import keras  # noqa: PLC0415
+    from keras import layers, ops  # noqa: PLC0415
+
+    keras.utils.set_random_seed(WD_SEED)
+    user = keras.Input(shape=(), dtype="int64", name="user_id")
+    item = keras.Input(shape=(), dtype="int64", name="item_id")
+    cat = keras.Input(shape=(), dtype="int64", name="category")
+    numeric = keras.Input(shape=(WD_NUMERIC,), dtype="float32", name="numeric")
+    u, i, c = ops.mod(user, WD_USERS), ops.mod(item, WD_ITEMS), ops.mod(cat, WD_CATEGORIES)
+    # Wide: linear weights (1-wide embeddings) of hashed crosses and of the category, + the numerics.
+    cross_ui = ops.mod(u * 1_000_003 + i, WD_CROSS_UI)
+    cross_ic = ops.mod(i * 1_009 + c, WD_CROSS_IC)
+    wide = layers.Add(name="wide")([
+        layers.Flatten()(layers.Embedding(WD_CROSS_UI, 1, name="wide_user_x_item")(cross_ui[:, None])),
+        layers.Flatten()(layers.Embedding(WD_CROSS_IC, 1, name="wide_item_x_category")(cross_ic[:, None])),
+        layers.Flatten()(layers.Embedding(WD_CATEGORIES, 1, name="wide_category")(c[:, None])),
+        layers.Dense(1, name="wide_numeric")(numeric)])
+    # Deep: embeddings + numerics through an MLP.
+    deep = layers.Concatenate()([layers.Embedding(WD_USERS, 32, name="user_embedding")(u),
+                                 layers.Embedding(WD_ITEMS, 32, name="item_embedding")(i),
+                                 layers.Embedding(WD_CATEGORIES, 8, name="category_embedding")(c), numeric])
+    for width in (256, 128, 64):
+        deep = layers.Dense(width, activation="relu")(deep)
+    deep = layers.Dense(1, name="deep")(deep)
+    logit = layers.Add(name="logit")([wide, deep])
+    prob = layers.Activation("sigmoid", name="prob")(logit)
+    model = keras.Model([user, item, cat, numeric], {"logit": logit, "prob": prob}, name="widedeep")
+    model.export(out, verbose=False)
+    return {"variable_bytes": int(sum(int(w.numpy().size) * 4 for w in model.weights)), "users": WD_USERS,
+            "items": WD_ITEMS, "categories": WD_CATEGORIES, "numeric": WD_NUMERIC,
+            "cross_bins": [WD_CROSS_UI, WD_CROSS_IC], "mlp": [256, 128, 64, 1]}
+
+
+BUILDERS = {"cnn": build_cnn, "widedeep": build_widedeep}
+
+
+def _ensure_keras(kind: str) -> tuple[str, dict]:
+    """A Keras model of BUILDERS, built once in a child process into bench/.cache/models/peers_KIND."""
+    base = os.path.join(CACHE_DIR, "models", f"peers_{kind}")
     info_path = os.path.join(base, "build.json")
     if os.path.isfile(os.path.join(base, "1", "saved_model.pb")) and os.path.isfile(info_path):
         with open(info_path) as f:
@@ -62,13 +113,13 @@ def _ensure_cnn() -> tuple[str, dict]:
     shutil.rmtree(base, ignore_errors=True)
     os.makedirs(base)
     tmp = os.path.join(base, ".building")
-    log(f"building model cnn into {os.path.relpath(base)} ...")
+    log(f"building model {kind} into {os.path.relpath(base)} ...")
     t0 = time.monotonic()
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "cnn", "--out", tmp], stdout=subprocess.PIPE,
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), kind, "--out", tmp], stdout=subprocess.PIPE,
                          text=True, check=False, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
     if out.returncode != 0:
         shutil.rmtree(base, ignore_errors=True)
-        raise RuntimeError(f"building cnn failed (exit {out.returncode})")
+        raise RuntimeError(f"building {kind} failed (exit {out.returncode})")
     info = json.loads(out.stdout.strip().splitlines()[-1])
     info["build_seconds"] = round(time.monotonic() - t0, 1)
     os.rename(tmp, os.path.join(base, "1"))
@@ -97,8 +148,8 @@ def ensure(kind: str, embedding_gib: float = 1.0) -> tuple[str, dict]:
     """(base path, build info) of a model, building it in a child process if it is not cached."""
     if kind == "demo":
         return _ensure_demo()
-    if kind == "cnn":
-        return _ensure_cnn()
+    if kind in BUILDERS:
+        return _ensure_keras(kind)
     if kind == "embedding":
         import _models  # noqa: PLC0415 - bench/_models.py
 
@@ -108,10 +159,10 @@ def ensure(kind: str, embedding_gib: float = 1.0) -> tuple[str, dict]:
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("kind", choices=["cnn"])
+    p.add_argument("kind", choices=sorted(BUILDERS))
     p.add_argument("--out", required=True)
     a = p.parse_args()
-    info = build_cnn(a.out)
+    info = BUILDERS[a.kind](a.out)
     info["kind"] = a.kind
     print(json.dumps(info))
     return 0

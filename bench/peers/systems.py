@@ -2,8 +2,8 @@
 shared-memory files are its own, and how it is stopped and checked for leftovers.
 
 Every system runs in process groups of its own (``start_new_session``), logs to
-bench/.cache/logs/, and is driven over its endpoint only: ``tcp://`` (the sgserve protocol) or
-``http://`` (TF Serving's REST API). Each process that runs the model is pinned to cores
+bench/.cache/logs/, and is driven over its endpoint only: ``tcp://`` (the sgserve protocol),
+``http://`` (TF Serving's REST API) or ``grpc://`` (TF Serving's gRPC API). Each process that runs the model is pinned to cores
 [i*K, (i+1)*K) with TF pools of K intra-op threads and sgserve's default inter-op pool, as sgserve
 pins its workers; front ends (sgserve's broker, the round-robin proxy, gunicorn's master, Ray's
 proxy and daemons) are not pinned, as sgserve's broker is not.
@@ -108,9 +108,52 @@ def http_post(url: str, body: bytes, timeout: float = 30.0) -> tuple[int, bytes]
         return exc.code, exc.read()
 
 
+def grpc_predict(target: str, model: str, inputs: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
+    """One Predict through TF Serving's stock stub (tf-serving-api protos, no TensorFlow needed)."""
+    import grpc  # noqa: PLC0415
+
+    from sgserve.frontdoor import protos  # noqa: PLC0415
+
+    protos.load()
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc  # noqa: PLC0415
+
+    from sgserve.frontdoor.tensors import from_numpy, to_numpy  # noqa: PLC0415
+
+    req = predict_pb2.PredictRequest()
+    req.model_spec.name = model
+    req.model_spec.signature_name = "serving_default"
+    for k, v in inputs.items():
+        req.inputs[k].CopyFrom(from_numpy(v))
+    with grpc.insecure_channel(target) as channel:
+        reply = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(req, timeout)
+    return {k: to_numpy(v) for k, v in reply.outputs.items()}
+
+
+def grpc_model_available(target: str, model: str) -> bool:
+    """ModelService.GetModelStatus answers AVAILABLE for some version (the gateway is up)."""
+    import grpc  # noqa: PLC0415
+
+    from sgserve.frontdoor import protos  # noqa: PLC0415
+
+    protos.load()
+    from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc  # noqa: PLC0415
+
+    req = get_model_status_pb2.GetModelStatusRequest()
+    req.model_spec.name = model
+    try:
+        with grpc.insecure_channel(target) as channel:
+            reply = model_service_pb2_grpc.ModelServiceStub(channel).GetModelStatus(req, 2.0)
+    except grpc.RpcError:
+        return False
+    return any(v.state == get_model_status_pb2.ModelVersionStatus.AVAILABLE for v in reply.model_version_status)
+
+
 def predict_once(endpoint: str, model: str, inputs: dict[str, Any]) -> dict[str, Any]:
     """One request through the system's own front door; numpy outputs by name."""
     import numpy as np  # noqa: PLC0415
+
+    if endpoint.startswith("grpc://"):
+        return grpc_predict(endpoint[len("grpc://"):], model, inputs)
 
     if endpoint.startswith("http://"):
         body = json.dumps({"signature_name": "serving_default", "inputs": {k: v.tolist() for k, v in inputs.items()}})
@@ -193,7 +236,7 @@ class System:
     """One server layout. Subclasses fill in _launch, endpoint and (optionally) _own_shm."""
 
     key = "system"
-    protocol = "sgserve"  # or "rest"
+    protocol = "sgserve"  # or "rest", "grpc"
     label = "system"
 
     def __init__(self, layout: Layout, model: ModelRef) -> None:
@@ -349,13 +392,17 @@ class SgserveSystem(System):
     key = "sgserve"
     protocol = "sgserve"
 
-    def __init__(self, layout: Layout, model: ModelRef, batching: bool = False) -> None:
+    def __init__(self, layout: Layout, model: ModelRef, batching: bool = False, front_door: str | None = None) -> None:
         super().__init__(layout, model)
         self.batching = batching
+        self.front_door = front_door  # None (native ZeroMQ), "rest" or "grpc": the gateway process
         if batching:
             self.key = "sgserve_batching"
+        if front_door:
+            self.key, self.protocol = f"sgserve_{front_door}", front_door
         self.label = f"sgserve {layout.workers} workers x {layout.cpus_per_worker} cores, one shared copy" + \
-            (", server-side batching" if batching else "")
+            (", server-side batching" if batching else "") + \
+            {None: "", "rest": ", TF Serving REST front door", "grpc": ", TF Serving gRPC front door"}[front_door]
         self.server: C.Server | None = None
 
     def _launch(self, timeout: float) -> None:
@@ -367,6 +414,11 @@ class SgserveSystem(System):
             if not sgserve_has_batching():
                 raise Skipped("`sgserve start` has no --enable-batching yet")
             args += ["--enable-batching", "--batching-parameters-file", self.layout.batching_file]
+        if self.front_door:
+            if "--rest-api-port" not in cli_help("start"):
+                raise Skipped("`sgserve start` has no --port / --rest_api_port yet")
+            # TF Serving's own spellings, as a migrating user's launch line has them.
+            args.append(f"--port={self.port}" if self.front_door == "grpc" else f"--rest_api_port={self.port}")
         self.server = C.Server(args, label=self.key)
         self.endpoint = self.server.endpoint
         try:
@@ -376,6 +428,14 @@ class SgserveSystem(System):
         finally:
             self.procs = [self.server.proc] if self.server.proc is not None else []
             self.logs = [self.server.log_file.name]
+        if self.front_door == "rest":
+            self.endpoint = f"http://127.0.0.1:{self.port}"
+            url = f"{self.endpoint}/v1/models/{self.model.name}"
+            self.wait_until(f"GET {url}", lambda: _http_ok(url), 60)
+        elif self.front_door == "grpc":
+            self.endpoint = f"grpc://127.0.0.1:{self.port}"
+            target = f"127.0.0.1:{self.port}"
+            self.wait_until(f"GetModelStatus at {target}", lambda: grpc_model_available(target, self.model.name), 60)
 
     def _own_shm(self) -> set[str]:
         if self.server is None or self.server.proc is None:
@@ -560,6 +620,8 @@ def sgserve_has_batching() -> bool:
 SYSTEMS: dict[str, Any] = {
     "sgserve": lambda layout, model: SgserveSystem(layout, model),
     "sgserve_batching": lambda layout, model: SgserveSystem(layout, model, batching=True),
+    "sgserve_rest": lambda layout, model: SgserveSystem(layout, model, front_door="rest"),
+    "sgserve_grpc": lambda layout, model: SgserveSystem(layout, model, front_door="grpc"),
     "tf_threads": ThreadsSystem,
     "naive_procs": NaiveSystem,
     "gunicorn_flask": GunicornSystem,
