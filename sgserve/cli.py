@@ -10,12 +10,12 @@ import json
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import click
 import numpy as np
 
-from sgserve import settings
+from sgserve import auth, settings
 from sgserve.errors import ServeError
 from sgserve.logs import setup_logging
 from sgserve.process import EXIT_CONFIG_ERROR
@@ -24,6 +24,16 @@ from sgserve.protocol import default_endpoint
 from sgserve.tfs_flags import TfsFlagsCommand
 
 ENDPOINT_HELP = "broker endpoint (ZeroMQ), default tcp://127.0.0.1:8510 or $SGSERVE_ENDPOINT"
+
+
+def curve_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """--curve-server-key and --curve-client-key, for every command that connects to a server."""
+    func = click.option("--curve-client-key", type=click.Path(dir_okay=False), default=None,
+                        envvar=auth.ENV_CLIENT_KEY, show_envvar=True,
+                        help="with CURVE: this client's secret certificate (client.key_secret from `sgserve keygen`)")(func)
+    return click.option("--curve-server-key", type=click.Path(dir_okay=False), default=None,
+                        envvar=auth.ENV_SERVER_KEY, show_envvar=True,
+                        help="with CURVE: the server's public certificate (server.key from `sgserve keygen`)")(func)
 
 
 @click.group(context_settings={"auto_envvar_prefix": "SGSERVE", "help_option_names": ["-h", "--help"]})
@@ -40,6 +50,11 @@ def start(**options: object) -> None:
     TF Serving's spellings work too (--model_base_path=/m, --enable_batching=true, ...): a
     tensorflow_model_server launch line runs unchanged (sgserve/tfs_flags.py)."""
     config = settings.config_from_options(options)
+    try:
+        auth.check_settings(config)  # a bad key fails now, not after the models load
+    except ValueError as exc:
+        click.echo(f"sgserve: error: {exc}", err=True)
+        sys.exit(EXIT_CONFIG_ERROR)
     if config.warmup_file:
         config.warmup_file = os.path.abspath(config.warmup_file)
     setup_logging("broker", config.log_level, config.log_format)  # exported: workers and the loader follow
@@ -53,10 +68,38 @@ def start(**options: object) -> None:
     sys.exit(code)
 
 
-def _client(endpoint: str | None, timeout: float):
+def _client(endpoint: str | None, timeout: float, keys: tuple[str | None, str | None] = (None, None)):
+    """A Client; ``keys``: the --curve-server-key and --curve-client-key values (None: plain, or the
+    environment variables the options read anyway)."""
     from sgserve.client import Client  # noqa: PLC0415
 
-    return Client(endpoint or default_endpoint(), timeout=timeout)
+    try:
+        return Client(endpoint or default_endpoint(), timeout=timeout, curve_server_key=keys[0],
+                      curve_client_key=keys[1])
+    except (OSError, ValueError) as exc:
+        raise click.UsageError(f"CURVE keys: {exc}") from None
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--client", "clients", multiple=True, default=("client",), show_default=True,
+              help="name of a client key pair to write (repeatable): NAME.key and NAME.key_secret")
+def keygen(directory: str, clients: tuple[str, ...]) -> None:
+    """Write CURVE key pairs in ZeroMQ's certificate format: server.key / server.key_secret (unless
+    DIRECTORY has them) and one pair per client. Secret files are mode 0600.
+
+    \b
+    Then: mkdir clients admins; cp DIR/client.key clients/   (and admins/ for admin rights)
+      sgserve start --curve-secret-key DIR/server.key_secret --curve-authorized-clients clients
+                    [--curve-admin-clients admins]
+      sgserve status --curve-server-key DIR/server.key --curve-client-key DIR/client.key_secret"""
+    try:
+        written = auth.keygen(directory, clients)
+    except (OSError, ValueError) as exc:
+        _fail(exc)
+        return
+    for path in written:
+        click.echo(path)
 
 
 def _fail(exc: Exception) -> None:
@@ -68,10 +111,12 @@ def _fail(exc: Exception) -> None:
 @click.option("--endpoint", default=None, help=ENDPOINT_HELP)
 @click.option("--json", "as_json", is_flag=True, help="print the raw status as JSON")
 @click.option("--timeout", type=float, default=5.0, show_default=True)
-def status(endpoint: str | None, as_json: bool, timeout: float) -> None:
+@curve_options
+def status(endpoint: str | None, as_json: bool, timeout: float, curve_server_key: str | None,
+           curve_client_key: str | None) -> None:
     """Workers (pid, cores, state, requests served) and models (version, bytes in shared memory)."""
     try:
-        with _client(endpoint, timeout) as c:
+        with _client(endpoint, timeout, (curve_server_key, curve_client_key)) as c:
             st = c.status()
     except ServeError as exc:
         _fail(exc)
@@ -148,12 +193,13 @@ def _parse_inputs(inputs: tuple[str, ...], json_text: str | None, meta: dict[str
 @click.option("--routing-key", default=None)
 @click.option("--endpoint", default=None, help=ENDPOINT_HELP)
 @click.option("--timeout", type=float, default=30.0, show_default=True)
+@curve_options
 def predict(model: str, inputs: tuple[str, ...], json_text: str | None, version: int | None,
             version_label: str | None, signature: str, output_filter: tuple[str, ...], routing_key: str | None,
-            endpoint: str | None, timeout: float) -> None:
+            endpoint: str | None, timeout: float, curve_server_key: str | None, curve_client_key: str | None) -> None:
     """Send one request and print the outputs as JSON."""
     try:
-        with _client(endpoint, timeout) as c:
+        with _client(endpoint, timeout, (curve_server_key, curve_client_key)) as c:
             meta = c.metadata(model, version=version, version_label=version_label)
             arrays = _parse_inputs(inputs, json_text, meta, signature)
             res = c.predict_full(model, arrays, version=version, version_label=version_label, signature=signature,
@@ -178,10 +224,12 @@ def predict(model: str, inputs: tuple[str, ...], json_text: str | None, version:
 @click.option("--endpoint", default=None, help=ENDPOINT_HELP)
 @click.option("--wait", type=float, default=120.0, show_default=True,
               help="seconds to wait until that version serves (0: do not wait)")
-def rollback(model: str, version: int, endpoint: str | None, wait: float) -> None:
+@curve_options
+def rollback(model: str, version: int, endpoint: str | None, wait: float, curve_server_key: str | None,
+             curve_client_key: str | None) -> None:
     """Pin MODEL to an older version still on disk (loading it if needed) until `sgserve unpin`."""
     try:
-        with _client(endpoint, 10.0) as c:
+        with _client(endpoint, 10.0, (curve_server_key, curve_client_key)) as c:
             reply = c.pin(model, version)
             deadline = time.monotonic() + wait
             while wait > 0 and reply.get("serving_version") != version:
@@ -202,10 +250,11 @@ def rollback(model: str, version: int, endpoint: str | None, wait: float) -> Non
 @main.command()
 @click.argument("model")
 @click.option("--endpoint", default=None, help=ENDPOINT_HELP)
-def unpin(model: str, endpoint: str | None) -> None:
+@curve_options
+def unpin(model: str, endpoint: str | None, curve_server_key: str | None, curve_client_key: str | None) -> None:
     """Return MODEL to its version policy after a rollback."""
     try:
-        with _client(endpoint, 10.0) as c:
+        with _client(endpoint, 10.0, (curve_server_key, curve_client_key)) as c:
             reply = c.unpin(model)
     except ServeError as exc:
         _fail(exc)
@@ -216,10 +265,11 @@ def unpin(model: str, endpoint: str | None) -> None:
 @main.command()
 @click.option("--endpoint", default=None, help=ENDPOINT_HELP)
 @click.option("--timeout", type=float, default=5.0, show_default=True)
-def stop(endpoint: str | None, timeout: float) -> None:
+@curve_options
+def stop(endpoint: str | None, timeout: float, curve_server_key: str | None, curve_client_key: str | None) -> None:
     """Ask a running server to drain and stop."""
     try:
-        with _client(endpoint, timeout) as c:
+        with _client(endpoint, timeout, (curve_server_key, curve_client_key)) as c:
             c.shutdown()
     except ServeError as exc:
         _fail(exc)

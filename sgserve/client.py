@@ -4,6 +4,10 @@ One DEALER socket per thread (ZeroMQ sockets must not be shared between threads)
 be used from many threads at once. Each request carries a fresh id; a reply with another id (a late
 answer to an earlier request that timed out) is discarded. After a timeout the thread's socket is
 closed and replaced, so a request that never got through is not delivered later (Lazy Pirate).
+
+With CURVE (a server started with --curve-secret-key) the client needs the server's public key
+and its own secret key; a client the server does not know gets no answer at all, so its calls end
+in DeadlineExceeded ("no reply"), never in an error reply.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import zmq
 
+from sgserve.auth import Key, apply_client_curve, client_curve
 from sgserve.errors import (DEADLINE_EXCEEDED, OK, UNAVAILABLE, DeadlineExceeded, Internal, InvalidArgument,
                             ServeError, error_from_code)
 from sgserve.protocol import (METADATA, PIN, PING, PREDICT, SHUTDOWN, STATUS, UNPIN, decode_tensors, default_endpoint,
@@ -47,11 +52,19 @@ class Client:
 
     ``timeout`` (seconds) is the default for every call: it travels with the request as
     ``timeout_ms`` (so the server does not run a request nobody waits for) and bounds the wait.
+
+    ``curve_server_key`` and ``curve_client_key`` turn on CURVE: each is a certificate file path
+    (the server's public ``server.key``; the client's ``client.key_secret``, from `sgserve keygen`),
+    or the Z85 key itself as bytes (the server's public key; the client's secret key). Left out,
+    they come from $SGSERVE_CURVE_SERVER_KEY and $SGSERVE_CURVE_CLIENT_KEY (paths), as the
+    endpoint comes from $SGSERVE_ENDPOINT.
     """
 
-    def __init__(self, endpoint: str | None = None, *, timeout: float | None = None) -> None:
+    def __init__(self, endpoint: str | None = None, *, timeout: float | None = None,
+                 curve_server_key: Key = None, curve_client_key: Key = None) -> None:
         self.endpoint = endpoint or default_endpoint()
         self.timeout = timeout
+        self._curve = client_curve(curve_server_key, curve_client_key)  # read once: a bad key fails here
         self._ctx = zmq.Context()
         self._local = threading.local()
         self._lock = threading.Lock()
@@ -161,7 +174,7 @@ class Client:
         self.close()
 
     def __repr__(self) -> str:
-        return f"Client({self.endpoint!r}, timeout={self.timeout!r})"
+        return f"Client({self.endpoint!r}, timeout={self.timeout!r}{', curve' if self._curve else ''})"
 
     # -- internals -----------------------------------------------------------------------------
     def _socket(self) -> zmq.Socket:
@@ -175,6 +188,7 @@ class Client:
                 raise RuntimeError("this Client is closed")
             sock = self._ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
+            apply_client_curve(sock, self._curve)
             sock.connect(self.endpoint)
             self._sockets.add(sock)
         self._local.socket = sock

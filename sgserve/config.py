@@ -117,6 +117,19 @@ class ServerConfig:
     endpoint: str = setting(
         factory=default_endpoint, shown_default="`tcp://127.0.0.1:8510`",
         help="where clients connect (a ZeroMQ endpoint; loopback by default)")
+    curve_secret_key: str | None = setting(
+        None, path=True, shown_default="none: CURVE off",
+        help="the server's secret certificate (`DIR/server.key_secret` from `sgserve keygen DIR`): CURVE "
+             "authentication and encryption on `--endpoint`; needs `--curve-authorized-clients`")
+    curve_authorized_clients: str | None = setting(
+        None, path=True, shown_default="none",
+        help="a directory of client public keys (`*.key`): with CURVE, only these clients (and the admin "
+             "keys) get any answer; others fail the handshake and get nothing")
+    curve_admin_clients: str | None = setting(
+        None, path=True, shown_default="none: loopback clients",
+        help="a directory of client public keys (`*.key`) allowed to run `shutdown`, `pin`, `unpin` and "
+             "`reload_config`; others get 403. Without it (or without CURVE) those commands are accepted "
+             "only from loopback or ipc clients")
     max_request_bytes: int = setting(
         64 * 1024 * 1024, shown_default="64 MiB", help="largest request payload accepted; larger ones get 400")
     split_min_rows: int = setting(
@@ -129,7 +142,13 @@ class ServerConfig:
         "all", help="which models `--split-min-rows` applies to: `all`, a comma list of names (only those), or "
                     "a comma list of `-name` (all but those)")
     max_enqueued: int = setting(
-        1024, help="requests that may wait in the broker for a free worker before new ones get 429")
+        1024, help="requests that may wait in the broker for a free worker before new ones get 429; when it is "
+                   "full, a client holding the most of them has its newest dropped (429) to admit another "
+                   "client's, and queued requests are taken round robin between clients")
+    client_hwm: int = setting(
+        1000, help="per client connection: replies the broker holds for a client that does not read them (more "
+                   "are dropped and counted) and requests it buffers before it stops reading that connection "
+                   "(ZeroMQ's SNDHWM and RCVHWM on the frontend)")
     worker_pipeline: int = setting(
         2, help="requests the broker lets one worker hold at once (1 running + queued); `--enable-batching` raises it")
     worker_timeout: float = setting(
@@ -144,6 +163,12 @@ class ServerConfig:
         1.0, shown_default="1 s", help="seconds between heartbeats, from the broker to each worker and back")
     heartbeat_liveness: int = setting(
         3, help="heartbeat intervals an idle worker may stay silent before it counts as dead and is restarted")
+    hang_timeout: float = setting(
+        2.0, shown_default="2 s",
+        help="seconds a worker holding a request may stay stopped, or use no CPU time, once silent for half a "
+             "heartbeat interval, before it counts as hung and is killed (its requests are retried elsewhere); "
+             "a worker that is runnable or whose CPU time advances is starved, not hung, and time the broker "
+             "itself was not running never counts. 0: off (only `--worker-timeout`)")
     # TF Serving's front doors: its gRPC and REST APIs, beside the native ZeroMQ endpoint (sgserve/frontdoor/).
     port: int = setting(
         0, shown_default="0: off",
@@ -168,6 +193,10 @@ class ServerConfig:
         None, path=True, shown_default="none: plaintext",
         help="TF Serving's `SSLConfig` text file (`server_key`, `server_cert` and `custom_ca` as PEM text, "
              "`client_verify`): TLS on `--port`")
+    ssl_admin_client_certs: str | None = setting(
+        None, path=True, shown_default="none: loopback callers",
+        help="a PEM file of client certificates that may call `HandleReloadConfigRequest` on `--port` from any "
+             "address (needs `client_verify` in `--ssl-config-file`); other callers must be on loopback")
     # The process.
     cache_dir: str = setting(
         factory=_default_cache_dir, path=True, shown_default="`~/.cache/sgserve`",

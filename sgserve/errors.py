@@ -11,6 +11,7 @@ from typing import Any, Iterable
 
 OK = 200
 INVALID_ARGUMENT = 400
+PERMISSION_DENIED = 403
 NOT_FOUND = 404
 RESOURCE_EXHAUSTED = 429
 INTERNAL = 500
@@ -20,6 +21,7 @@ DEADLINE_EXCEEDED = 504
 CODE_NAMES: dict[int, str] = {
     OK: "OK",
     INVALID_ARGUMENT: "INVALID_ARGUMENT",
+    PERMISSION_DENIED: "PERMISSION_DENIED",
     NOT_FOUND: "NOT_FOUND",
     RESOURCE_EXHAUSTED: "RESOURCE_EXHAUSTED",
     INTERNAL: "INTERNAL",
@@ -58,6 +60,12 @@ class InvalidArgument(ServeError):
     code = INVALID_ARGUMENT
 
 
+class PermissionDenied(ServeError):
+    """An admin command from a client the server does not trust with it (sgserve/auth.py)."""
+
+    code = PERMISSION_DENIED
+
+
 class NotFound(ServeError):
     code = NOT_FOUND
 
@@ -80,7 +88,7 @@ class DeadlineExceeded(ServeError):
 
 _BY_CODE: dict[int, type[ServeError]] = {
     cls.code: cls
-    for cls in (InvalidArgument, NotFound, ResourceExhausted, Internal, Unavailable, DeadlineExceeded)
+    for cls in (InvalidArgument, PermissionDenied, NotFound, ResourceExhausted, Internal, Unavailable, DeadlineExceeded)
 }
 
 

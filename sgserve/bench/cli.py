@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any, Callable
 
 import click
 
+from sgserve.auth import ENV_CLIENT_KEY, ENV_SERVER_KEY
 from sgserve.errors import ServeError
 from sgserve.protocol import default_endpoint
 
@@ -81,11 +83,15 @@ Examples:
 @click.option("--plot", "plot_path", default=None, metavar="FILE.png",
               help="plot p50/p99 latency against achieved QPS (needs matplotlib)")
 @click.option("--quiet", "-q", is_flag=True, help="no progress on stderr")
+@click.option("--curve-server-key", type=click.Path(dir_okay=False), default=None, envvar=ENV_SERVER_KEY,
+              show_envvar=True, help="sgserve endpoints with CURVE: the server's public certificate (server.key)")
+@click.option("--curve-client-key", type=click.Path(dir_okay=False), default=None, envvar=ENV_CLIENT_KEY,
+              show_envvar=True, help="sgserve endpoints with CURVE: this client's secret certificate (client.key_secret)")
 def bench(model: str, endpoint: str | None, compare: str | None, concurrency: list[int] | None,
           rate: list[float] | None, schedule: str, senders: int | None, late_ms: float, batch_size: list[int],
           duration: float | None, requests: int | None, warmup: float, slice_s: float, signature: str,
           model_version: int | None, timeout: float, json_path: str | None, plot_path: str | None,
-          quiet: bool) -> None:
+          quiet: bool, curve_server_key: str | None, curve_client_key: str | None) -> None:
     """Load test a model server: QPS and p50/p90/p99/p99.9/max latency per point.
 
     Closed loop (-c, the default): each of C clients sends its next request when the previous one
@@ -95,6 +101,9 @@ def bench(model: str, endpoint: str | None, compare: str | None, concurrency: li
     """
     from sgserve.bench import loadgen  # noqa: PLC0415
 
+    for env, value in ((ENV_SERVER_KEY, curve_server_key), (ENV_CLIENT_KEY, curve_client_key)):
+        if value:  # the sgserve targets' Client reads its keys from these (sgserve/auth.py client_curve)
+            os.environ[env] = value
     if rate is not None and concurrency is not None:
         raise click.UsageError("give --concurrency (closed loop) or --rate (open loop), not both")
     if plot_path:

@@ -23,11 +23,14 @@ import msgpack
 import psutil
 import zmq
 
+from sgserve.auth import FrontendSecurity
 from sgserve.broker.core import RoutingCore
+from sgserve.broker.fair_queue import gateway_identity_prefix
 from sgserve.models.manager import ModelManager
 from sgserve.broker.policies import DispatchPolicy, load_policy
 from sgserve.broker.rollout import Rollout
 from sgserve.broker.supervisor import STOP_GRACE, Fatal, Supervisor, assign_cores
+from sgserve.broker.watchdog import Watchdog
 from sgserve.broker.worker_table import WorkerSlot, WorkerState, WorkerTable
 from sgserve.config import ServerConfig
 from sgserve.process import EXIT_CONFIG_ERROR
@@ -40,7 +43,7 @@ from sgserve.protocol import (METADATA, METRICS, PIN, PING, RELOAD_CONFIG, SHUTD
 log = logging.getLogger(__name__)
 
 BATCH = 256  # messages read from one socket per poll wake-up, so neither side starves the other
-FRONTEND_SNDHWM = 100_000  # replies queued per client before ZeroMQ would drop them
+DROP_LOG_INTERVAL = 5.0  # seconds between warnings about replies dropped for clients that do not read
 FINAL_LINGER_MS = 200  # frontend linger at close: long enough to flush the last 503s, bounded
 _NOBLOCK = int(zmq.NOBLOCK)
 _READY, _LOADED, _UNLOADED = W_READY[0], W_LOADED[0], W_UNLOADED[0]
@@ -87,9 +90,10 @@ class Broker:
         self._ctx = zmq.Context()
         self.frontend: zmq.Socket | None = None
         self.backend: zmq.Socket | None = None
+        self.security: FrontendSecurity | None = None
         try:
-            self.frontend = self._bind(config.endpoint, "frontend (--endpoint)")
-            self.frontend.setsockopt(zmq.SNDHWM, FRONTEND_SNDHWM)
+            self.security = FrontendSecurity(config, self._ctx)  # CURVE and the admin rule (sgserve/auth.py)
+            self.frontend = self._bind(config.endpoint, "frontend (--endpoint)", self._setup_frontend)
             self.backend = self._bind(backend_endpoint, "backend")
             self.backend.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a vanished worker raises, not drops
         except BaseException:
@@ -98,11 +102,16 @@ class Broker:
         self.endpoint: str = self.frontend.getsockopt_string(zmq.LAST_ENDPOINT)
         if front_door is not None:
             front_door.connect_to(self.endpoint)
+            if self.security.curve:  # the gateways' own key, made now in the 0700 runtime directory
+                key_dir = os.path.dirname(backend_endpoint[len("ipc://"):])
+                self.security.trust_admin(front_door.use_curve(self.security.public, key_dir))
         self.backend_endpoint: str = self.backend.getsockopt_string(zmq.LAST_ENDPOINT)
         self.core = RoutingCore(config, self.table, self.policy, resolve=self.manager.resolve,
                                 to_client=self._send_client, to_worker=self._send_worker, admin=self._admin,
                                 on_control=self._on_control, on_lost=self._on_lost,
-                                split_verdict=self.manager.split_verdict, served=self.manager.is_served)
+                                split_verdict=self.manager.split_verdict, served=self.manager.is_served,
+                                admin_rule=self.security.rule,
+                                gateway_prefix=gateway_identity_prefix() if front_door is not None else None)
         self.rollout = Rollout(config, self.table, self.manager, send=self._send_worker,
                                requests_for=self.core.requests_for)
         self.supervisor = Supervisor(config, self.rollout.specs_for_spawn, self.table,
@@ -114,10 +123,14 @@ class Broker:
         self._exit_code = 0
         self._announced_ready = False
         self._ran = False
+        self.dropped_replies = {"unread": 0, "gone": 0}  # replies to a client whose queue was full / gone
+        self._next_drop_log = 0.0
         self._started_at = time.monotonic()
         self._next_heartbeat = 0.0
         self._tick = max(0.005, min(0.05, config.heartbeat_interval / 4))
         self._silence = config.heartbeat_interval * config.heartbeat_liveness
+        self.watchdog = Watchdog(self.table, hang_timeout=config.hang_timeout,
+                                 heartbeat_interval=config.heartbeat_interval, tick=self._tick)
 
     # -- public --------------------------------------------------------------------------------
     def request_stop(self) -> None:
@@ -152,12 +165,25 @@ class Broker:
                 sock.close(linger=linger)
                 setattr(self, name, None)
                 _remove_ipc_file(endpoint)
+        if self.security is not None:
+            self.security.close()  # its ZAP socket must go before the context terminates
         if not self._ctx.closed:
             self._ctx.term()
 
-    def _bind(self, endpoint: str, what: str) -> zmq.Socket:
+    def _setup_frontend(self, sock: zmq.Socket) -> None:
+        """CURVE, and --client-hwm per client: replies held for one that does not read (then
+        ROUTER_MANDATORY makes a full queue a counted EAGAIN, not a silent drop) and requests read
+        ahead from it. Set before bind: the listener gives each connection the options it had then."""
+        self.security.apply(sock)
+        sock.setsockopt(zmq.SNDHWM, self.config.client_hwm)
+        sock.setsockopt(zmq.RCVHWM, self.config.client_hwm)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+
+    def _bind(self, endpoint: str, what: str, setup: Callable[[zmq.Socket], None] | None = None) -> zmq.Socket:
         sock = self._ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
+        if setup is not None:
+            setup(sock)
         try:
             sock.bind(endpoint)
         except zmq.ZMQError as exc:
@@ -256,9 +282,12 @@ class Broker:
             "config_error": self.manager.config_error,
             "loader": self.manager.loader_status(),
             "queued": len(self.core.queue),
+            "queued_clients": self.core.queue.clients,
+            "dropped_replies": dict(self.dropped_replies),
             "gateways": self.front_door.pids() if self.front_door is not None else [],
             "split": {"min_rows": self.config.split_min_rows, "requests": self.core.split_requests,
                       "parts": self.core.split_parts},
+            "watchdog": self.watchdog.status(),
         }
 
     def _on_control(self, identity: bytes, command: int, rest: list[zmq.Frame], now: float) -> None:
@@ -335,7 +364,11 @@ class Broker:
 
     # -- purge, heartbeats, supervision ----------------------------------------------------------
     def _purge(self, now: float) -> None:
-        """Expired queued requests, silent workers and hung workers (the core's tick)."""
+        """Stopped or stuck workers (the watchdog, which also forgives the broker's own gaps first),
+        then expired queued requests, silent workers and hung workers (the core's tick)."""
+        for slot, why in self.watchdog.check(now):
+            if slot.state is WorkerState.READY:
+                self.core.worker_lost(slot, why)
         self.core.tick(now, self._silence, self.config.worker_timeout)
 
     def _send_heartbeats(self, now: float) -> None:
@@ -411,7 +444,21 @@ class Broker:
 
     # -- sending -------------------------------------------------------------------------------
     def _send_client(self, frames: list[Any]) -> None:
-        send_frames(self.frontend, frames)
+        try:
+            send_frames(self.frontend, frames, _NOBLOCK)
+        except zmq.ZMQError as exc:  # nothing was queued: ZeroMQ refuses a multipart message at its first frame
+            self._dropped_reply(exc.errno)
+
+    def _dropped_reply(self, err: int) -> None:
+        """A reply ZeroMQ would not take: the client holds --client-hwm unread replies (EAGAIN), or is
+        gone (EHOSTUNREACH). Counted in status; the client's own timeout tells it."""
+        unread = err == errno.EAGAIN
+        self.dropped_replies["unread" if unread else "gone"] += 1
+        now = time.monotonic()
+        if unread and now >= self._next_drop_log:
+            self._next_drop_log = now + DROP_LOG_INTERVAL
+            log.warning("dropping replies to a client that does not read them (%d so far; --client-hwm %d)",
+                        self.dropped_replies["unread"], self.config.client_hwm)
 
     def _send_worker(self, identity: bytes, frames: list[Any]) -> bool:
         try:

@@ -19,7 +19,6 @@ when its deadline passes in the queue, a retry on another worker when the one ho
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 import itertools
 import logging
@@ -28,13 +27,15 @@ import time
 from typing import Any, Callable, Sequence
 
 from sgserve.broker import scatter
+from sgserve.broker.fair_queue import FairQueue, Refused
 from sgserve.broker.policies import DispatchPolicy, DispatchRequest
 from sgserve.broker.stats import Stats
 from sgserve.broker.worker_table import WorkerSlot, WorkerTable
 from sgserve.config import ModelSpec, ServerConfig
 from sgserve.models.signatures import leading_batch_dim
-from sgserve.errors import (DEADLINE_EXCEEDED, INTERNAL, UNAVAILABLE, DeadlineExceeded, InvalidArgument, NotFound,
-                            ResourceExhausted, ServeError, Unavailable, names)
+from sgserve.auth import ADMIN_TYPES, AdminRule
+from sgserve.errors import (DEADLINE_EXCEEDED, INTERNAL, RESOURCE_EXHAUSTED, UNAVAILABLE, DeadlineExceeded,
+                            InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, ServeError, Unavailable, names)
 from sgserve.protocol import (DEFAULT_SIGNATURE, MAGIC, PREDICT, REPLY, REQUEST_TYPES, W_HEARTBEAT, W_REPLY,
                               Envelope, decode_header, error_reply, exception_reply, ok_header, pack, route_frame,
                               split_envelope, unpack_header)
@@ -69,13 +70,15 @@ class RoutingCore:
                  resolve: Callable[[dict[str, Any]], ModelSpec], to_client: SendToClient,
                  to_worker: SendToWorker, admin: AdminHandler, on_control: ControlHandler,
                  on_lost: LostHandler, split_verdict: SplitVerdict, stats: Stats | None = None,
-                 served: Callable[[str], bool] = lambda _name: True) -> None:
+                 served: Callable[[str], bool] = lambda _name: True, admin_rule: AdminRule | None = None,
+                 gateway_prefix: bytes | None = None) -> None:
         self.config = config
         self.stats = stats if stats is not None else Stats()  # every answered predict, for /metrics
         self._served = served  # is this a served model's name (a metric label clients cannot invent)
+        self._admin_rule = admin_rule  # who may run shutdown, pin, unpin, reload_config (None: anyone)
         self.table = table
         self.policy = policy
-        self.queue: collections.deque[DispatchRequest] = collections.deque()
+        self.queue = FairQueue(config.max_enqueued, gateway_prefix)  # fair between clients (fair_queue.py)
         self.stopping = False  # set by the broker: every new request gets 503
         self._resolve = resolve
         self._to_client = to_client
@@ -86,7 +89,6 @@ class RoutingCore:
         self._split_verdict = split_verdict
         self._rids = itertools.count(1)
         self._max_bytes = config.max_request_bytes
-        self._max_enqueued = config.max_enqueued
         self._split_min_rows = config.split_min_rows  # 0: never split
         self._split_max_parts = config.split_max_parts or 1 << 16  # 0: as many as are idle
         self._split_keeps_keys = getattr(policy, "name", None) != "rr"  # keyed policies keep stickiness
@@ -120,6 +122,8 @@ class RoutingCore:
             if rtype == PREDICT:
                 self._predict(envelope, header, msg[1], payload)
             else:
+                if rtype in ADMIN_TYPES and self._admin_rule is not None and not self._admin_rule.allows(frames[0]):
+                    raise PermissionDenied(self._admin_rule.refusal(rtype))  # frames[0] carries the peer's key
                 self._to_client(envelope.wrap(pack(ok_header(request_id, **self._admin(rtype, header)))))
         except Exception as exc:  # noqa: BLE001 - a ServeError is the answer; anything else, 500 and keep serving
             if not isinstance(exc, ServeError):
@@ -155,10 +159,15 @@ class RoutingCore:
         queue = self.queue
         if not queue and ((self._split_min_rows and self._split(request, spec)) or self._dispatch(request)):
             return
-        if len(queue) >= self._max_enqueued:
+        try:
+            evicted = queue.push(request)
+        except Refused:
             raise ResourceExhausted(f"server overloaded: {len(queue)} requests queued (--max-enqueued); "
-                                    f"retry later")
-        queue.append(request)
+                                    f"retry later") from None
+        if evicted is not None:
+            self.fail(evicted, RESOURCE_EXHAUSTED, f"server overloaded: {len(queue)} requests queued "
+                                                   f"(--max-enqueued) and this client held the most; its newest "
+                                                   f"was dropped for another client's; retry later")
 
     # -- splitting one request across idle workers (scatter-gather) -------------------------------
     def _split(self, request: DispatchRequest, spec: ModelSpec) -> bool:
@@ -185,7 +194,7 @@ class RoutingCore:
             part = dataclasses.replace(request, rid=next(self._rids), header=header, payload=payload,
                                        header_frame=pack(header)[1], scatter=scattered, part=index)
             if not self._dispatch(part):  # a worker went away meanwhile: the part waits its turn
-                self.queue.append(part)
+                self.queue.push_unbounded(part)
         self.split_requests += 1
         self.split_parts += len(pieces)
         return True
@@ -296,13 +305,13 @@ class RoutingCore:
         wall = time.time()
         now = time.monotonic()
         while queue and self.table.free():
-            request = queue.popleft()
+            request = queue.pop()
             if request.scatter is not None and request.scatter.answered:
                 continue  # another part failed: the client has its answer
             if self._expire(request, wall, now):
                 continue
             if not self._dispatch(request):
-                queue.appendleft(request)
+                queue.unpop(request)
                 return
 
     def _expire(self, request: DispatchRequest, wall: float, now: float) -> bool:
@@ -328,12 +337,7 @@ class RoutingCore:
         queue = self.queue
         if queue:
             wall = time.time()
-            keep: collections.deque[DispatchRequest] = collections.deque()
-            for request in queue:
-                if not self._expire(request, wall, now):
-                    keep.append(request)
-            if len(keep) != len(queue):
-                self.queue = queue = keep
+            queue.discard(lambda request: self._expire(request, wall, now))
             if self.table.free():
                 self.pump()
         for slot in self.table.expired(now, silence):
@@ -365,7 +369,7 @@ class RoutingCore:
                 request.attempt = 1
                 request.died_on = index
                 request.retry_until = retry_until
-                self.queue.appendleft(request)
+                self.queue.push_front(request)
                 retried += 1
         log.warning("worker %d held %d request(s): %d retried, %d failed with 503", index, len(orphans),
                     retried, len(orphans) - retried)

@@ -38,6 +38,9 @@ class GatewaySpec:
     ssl: dict | None = None  # SslConfig fields (server_key, server_cert, custom_ca, client_verify)
     max_request_bytes: int = 64 * 1024 * 1024
     host: str = ""  # "" = every interface, as TF Serving
+    curve_server_key: str | None = None  # with CURVE: the broker's public key (Z85)
+    curve_client_key: str | None = None  # with CURVE: this gateway's secret certificate (in the runtime dir)
+    admin_certs: list[str] = dataclasses.field(default_factory=list)  # PEM: TLS clients that may reload the config
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -51,8 +54,9 @@ async def serve(spec: GatewaySpec) -> None:
     from sgserve.frontdoor.rest import RestApi  # noqa: PLC0415
     from sgserve.frontdoor.service import Gateway  # noqa: PLC0415
 
-    link = BrokerLink(spec.broker)
+    link = BrokerLink(spec.broker, curve_server_key=spec.curve_server_key, curve_client_key=spec.curve_client_key)
     link.start()
+    gateway = Gateway(link)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -63,7 +67,8 @@ async def serve(spec: GatewaySpec) -> None:
             grpc_server = grpc.aio.server(options=[
                 ("grpc.so_reuseport", 1), ("grpc.max_receive_message_length", min(GRPC_MAX_MESSAGE, spec.max_request_bytes)),
                 ("grpc.max_send_message_length", GRPC_MAX_MESSAGE)])
-            add_services(grpc_server, Gateway(link, "GRPC"))
+            verify = bool(spec.ssl and spec.ssl.get("client_verify"))
+            add_services(grpc_server, gateway, admin_certs=spec.admin_certs if verify else [])
             address = f"{spec.host or '[::]'}:{spec.port}"
             if spec.ssl:
                 bound = grpc_server.add_secure_port(address, _credentials(grpc, spec.ssl))
@@ -75,7 +80,7 @@ async def serve(spec: GatewaySpec) -> None:
         if spec.rest_api_port:
             from aiohttp import web  # noqa: PLC0415
 
-            api = RestApi(Gateway(link, "REST"), spec.rest_api_timeout_in_ms, spec.metrics_path)
+            api = RestApi(gateway, spec.rest_api_timeout_in_ms, spec.metrics_path)
             runner = web.AppRunner(api.app(), access_log=None, handle_signals=False)
             await runner.setup()
             await web.TCPSite(runner, spec.host or None, spec.rest_api_port, reuse_port=True).start()

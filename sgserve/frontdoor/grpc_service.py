@@ -8,11 +8,13 @@ so a request whose caller has given up is answered 504 in the broker's queue and
 from __future__ import annotations
 
 import logging
+import ssl
 from typing import Any
 
 import grpc
 
-from sgserve.errors import InvalidArgument, ServeError
+from sgserve.auth import is_local_peer
+from sgserve.errors import InvalidArgument, PermissionDenied, ServeError
 from sgserve.frontdoor import examples, protos, tensors
 from sgserve.frontdoor.service import CLASSIFY_METHOD, REGRESS_METHOD, Gateway, grpc_code_name, model_header
 
@@ -71,7 +73,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     async def Classify(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         try:
             reply, result = await self.gw.classify_or_regress(
-                request.model_spec, examples.serialize_input(request.input), CLASSIFY_METHOD, _timeout(context),
+                model_header(request.model_spec), examples.serialize_input(request.input), CLASSIFY_METHOD, _timeout(context),
                 ENTRYPOINT)
             response = classification_pb2.ClassificationResponse(result=result)
             _fill_spec(response.model_spec, reply, request.model_spec)
@@ -82,7 +84,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     async def Regress(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         try:
             reply, result = await self.gw.classify_or_regress(
-                request.model_spec, examples.serialize_input(request.input), REGRESS_METHOD, _timeout(context),
+                model_header(request.model_spec), examples.serialize_input(request.input), REGRESS_METHOD, _timeout(context),
                 ENTRYPOINT)
             response = regression_pb2.RegressionResponse(result=result)
             _fill_spec(response.model_spec, reply, request.model_spec)
@@ -103,7 +105,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             for task in request.tasks:
                 if task.method_name not in (CLASSIFY_METHOD, REGRESS_METHOD):
                     raise InvalidArgument(f"Unsupported signature method_name: {task.method_name}")
-                reply, result = await self.gw.classify_or_regress(task.model_spec, serialized, task.method_name,
+                reply, result = await self.gw.classify_or_regress(model_header(task.model_spec), serialized, task.method_name,
                                                                   _timeout(context), ENTRYPOINT)
                 out = response.results.add()
                 _fill_spec(out.model_spec, reply, task.model_spec)
@@ -117,8 +119,9 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
 
 
 class ModelService(model_service_pb2_grpc.ModelServiceServicer):
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Gateway, admin_certs: list[str] | None = None) -> None:
         self.gw = gateway
+        self.admin_certs = {ssl.PEM_cert_to_DER_cert(pem) for pem in admin_certs or ()}
 
     async def GetModelStatus(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         try:
@@ -130,6 +133,9 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
         """Applies the config and waits for its models (TF Serving answers failures with the error
         status both on the RPC and in the response's status; a stock client sees the RPC's)."""
         try:
+            if not _may_admin(context, self.admin_certs):
+                raise PermissionDenied("HandleReloadConfigRequest is an admin call: accepted only from loopback, "
+                                       "or over TLS with a client certificate in --ssl-admin-client-certs")
             await self.gw.reload_config(request.config, _timeout(context))
         except Exception as exc:  # noqa: BLE001
             await _abort(context, exc)
@@ -144,9 +150,22 @@ def _fill_spec(out: Any, reply: dict[str, Any], spec: Any) -> None:
     out.signature_name = spec.signature_name or "serving_default"
 
 
-def add_services(server: grpc.aio.Server, gateway: Gateway) -> None:
+def _may_admin(context: grpc.aio.ServicerContext, admin_certs: set[bytes]) -> bool:
+    """The gateway's admin rule (the broker trusts the gateway's own key, so the gateway judges its
+    callers): a loopback peer, or a verified TLS client whose certificate is listed."""
+    kind, _, address = (context.peer() or "").partition(":")
+    if kind == "unix" or (kind in ("ipv4", "ipv6") and is_local_peer(address.rpartition(":")[0])):
+        return True
+    if not admin_certs:
+        return False  # client_verify off, or no --ssl-admin-client-certs: a certificate proves nothing here
+    presented = (context.auth_context() or {}).get("x509_pem_cert") or []
+    return any(ssl.PEM_cert_to_DER_cert(pem.decode()) in admin_certs for pem in presented)
+
+
+def add_services(server: grpc.aio.Server, gateway: Gateway, admin_certs: list[str] | None = None) -> None:
+    """``admin_certs``: PEM certificates whose verified holders may reload the config from anywhere."""
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionService(gateway), server)
-    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(gateway), server)
+    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(gateway, admin_certs), server)
 
 
 __all__ = ["PredictionService", "ModelService", "add_services"]

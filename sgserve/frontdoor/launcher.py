@@ -38,6 +38,18 @@ class FrontDoor:
             endpoint = endpoint.replace(f"tcp://{host}:", "tcp://127.0.0.1:")
         self.specs = [dataclasses.replace(spec, broker=endpoint) for spec in self.specs]
 
+    def use_curve(self, server_public: bytes, key_dir: str) -> bytes:
+        """With CURVE on, the gateways connect with a key pair made now in ``key_dir`` (the server's
+        0700 runtime directory; only the path travels on their command line). Returns its public
+        key, which the broker then authorizes as an admin: the gateways serve
+        HandleReloadConfigRequest, and apply the admin rule to their own callers (grpc_service.py)."""
+        from sgserve.auth import gateway_cert  # noqa: PLC0415
+
+        secret_path, public = gateway_cert(key_dir)
+        self.specs = [dataclasses.replace(spec, curve_server_key=server_public.decode(), curve_client_key=secret_path)
+                      for spec in self.specs]
+        return public
+
     def start(self) -> None:
         self.started = True
         for i in range(len(self.specs)):
@@ -95,8 +107,27 @@ def gateway_specs(config: object, metrics_path: str | None, ssl: dict | None) ->
     count = max(1, getattr(config, "rest_api_num_threads", 0) or 1)
     base = GatewaySpec(broker="", port=port, rest_api_port=rest,
                        rest_api_timeout_in_ms=getattr(config, "rest_api_timeout_in_ms", 30000),
-                       metrics_path=metrics_path, ssl=ssl, max_request_bytes=getattr(config, "max_request_bytes"))
+                       metrics_path=metrics_path, ssl=ssl, max_request_bytes=getattr(config, "max_request_bytes"),
+                       admin_certs=_admin_certs(getattr(config, "ssl_admin_client_certs", None)))
     return [dataclasses.replace(base, index=i) for i in range(count)]
+
+
+def _admin_certs(path: str | None) -> list[str]:
+    """The PEM certificates in --ssl-admin-client-certs (one file, one or more certificates)."""
+    if not path:
+        return []
+    from sgserve.errors import ConfigError  # noqa: PLC0415
+
+    try:
+        with open(path, encoding="ascii") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read --ssl-admin-client-certs {path}: {exc}") from None
+    end = "-----END CERTIFICATE-----"
+    certs = [part.strip() + "\n" + end + "\n" for part in text.split(end) if "-----BEGIN CERTIFICATE-----" in part]
+    if not certs:
+        raise ConfigError(f"--ssl-admin-client-certs {path} holds no PEM certificate")
+    return certs
 
 
 __all__ = ["FrontDoor", "gateway_specs"]

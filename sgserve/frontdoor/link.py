@@ -9,13 +9,16 @@ rest: deadlines in its queue, retries, fair errors.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import logging
+import os
 from typing import Any, Mapping
 
 import numpy as np
 import zmq
 
+from sgserve.auth import apply_client_curve, client_curve
 from sgserve.errors import DeadlineExceeded, Internal, ResourceExhausted, ServeError, error_from_code
 from sgserve.protocol import OK, decode_tensors, pack, recv_frames, send_frames, unpack_header
 
@@ -24,6 +27,13 @@ log = logging.getLogger(__name__)
 REPLY_GRACE = 0.5  # seconds past a request's own timeout to wait for the broker's 504
 _NOBLOCK = int(zmq.NOBLOCK)
 SNDHWM = 100_000  # requests queued towards the broker before sends block (ZeroMQ's high-water mark)
+# Fair admission (sgserve/broker/fair_queue.py, which names the same variable and routing-id layout): the
+# broker hands its gateways a token; a DEALER whose routing id starts with b"gw" + token may name the
+# gRPC/REST connection each request comes from, and each connection then gets its own share of the queue.
+GATEWAY_TOKEN_ENV = "SGSERVE_GATEWAY_TOKEN"
+# The connection the current request came from (set by the transport in the handler's task: the
+# gRPC peer, or the REST client's address and port); None: the gateway counts as one client.
+CONNECTION: contextvars.ContextVar[str | None] = contextvars.ContextVar("sgserve_connection", default=None)
 
 
 class BrokerLink:
@@ -36,11 +46,18 @@ class BrokerLink:
     against zmq.asyncio's futures in docs/architecture.md section 12.
     """
 
-    def __init__(self, endpoint: str) -> None:
+    def __init__(self, endpoint: str, *, curve_server_key: str | None = None,
+                 curve_client_key: str | None = None) -> None:
+        """With CURVE on, the broker's public key (Z85) and this gateway's secret certificate path."""
         self.endpoint = endpoint
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
+        if curve_server_key:
+            apply_client_curve(self._sock, client_curve(curve_server_key.encode(), curve_client_key))
         self._sock.setsockopt(zmq.LINGER, 0)
+        token = os.environ.get(GATEWAY_TOKEN_ENV)
+        if token:  # the pid keeps the ids of several gateways, and of a restarted one, distinct
+            self._sock.setsockopt(zmq.ROUTING_ID, b"gw" + bytes.fromhex(token) + os.getpid().to_bytes(4, "big"))
         self._sock.setsockopt(zmq.SNDHWM, SNDHWM)
         self._sock.setsockopt(zmq.RCVHWM, SNDHWM)
         self._sock.connect(endpoint)
@@ -62,6 +79,9 @@ class BrokerLink:
         header["id"] = request_id
         if timeout is not None:
             header["timeout_ms"] = timeout * 1000.0
+        connection = CONNECTION.get()
+        if connection is not None:
+            header["connection"] = connection
         future = self._loop.create_future()
         self._waiting[request_id] = future
         try:
@@ -117,4 +137,4 @@ class BrokerLink:
         self._ctx.term()
 
 
-__all__ = ["BrokerLink", "REPLY_GRACE"]
+__all__ = ["BrokerLink", "REPLY_GRACE", "CONNECTION", "GATEWAY_TOKEN_ENV"]

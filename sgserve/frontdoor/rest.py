@@ -26,7 +26,7 @@ from google.protobuf import json_format
 
 from sgserve.errors import InvalidArgument, ServeError
 from sgserve.frontdoor import examples, metrics, rest_json
-from sgserve.frontdoor.service import CLASSIFY_METHOD, REGRESS_METHOD, Gateway, model_header, spec_proto
+from sgserve.frontdoor.service import CLASSIFY_METHOD, REGRESS_METHOD, Gateway, predict_header, spec_proto
 
 log = logging.getLogger(__name__)
 ENTRYPOINT = "REST"
@@ -98,18 +98,17 @@ class RestApi:
             raise InvalidArgument(f"Malformed request: POST {path}")
         name, version, label, verb = m.groups()
         doc = rest_json.read_json(body)  # its signature_name first: the signature says the dtypes
-        spec = spec_proto(name, int(version) if version else None, label, doc.signature_name or "")
+        header = predict_header(name, int(version) if version else None, label, doc.signature_name or "")
         if verb == "predict":
-            return await self._predict(spec, doc)
+            return await self._predict(header, doc)
         serialized, _ = examples.parse_examples(doc)
         if verb == "classify":
-            _, result = await self.gw.classify_or_regress(spec, serialized, CLASSIFY_METHOD, self.timeout, ENTRYPOINT)
+            _, result = await self.gw.classify_or_regress(header, serialized, CLASSIFY_METHOD, self.timeout, ENTRYPOINT)
             return _raw(examples.format_classify(result))
-        _, result = await self.gw.classify_or_regress(spec, serialized, REGRESS_METHOD, self.timeout, ENTRYPOINT)
+        _, result = await self.gw.classify_or_regress(header, serialized, REGRESS_METHOD, self.timeout, ENTRYPOINT)
         return _raw(examples.format_regress(result))
 
-    async def _predict(self, spec: Any, doc: rest_json.JsonRequest) -> web.Response:
-        header = model_header(spec)
+    async def _predict(self, header: dict[str, Any], doc: rest_json.JsonRequest) -> web.Response:
         _, sig = await self.gw.signature(header, self.timeout)
         inputs, fmt, _ = rest_json.parse_predict(doc, sig)
         _, outputs = await self.gw.predict(header, inputs, self.timeout, ENTRYPOINT)

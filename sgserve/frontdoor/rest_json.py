@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Union
 
@@ -408,7 +409,9 @@ def _jsonable(name: str, arr: Any, rows: bool) -> Any:
     protocol.dtype_name(arr)  # InvalidArgument for a dtype the wire cannot carry
     if not (arr.dtype.isnative and arr.flags.c_contiguous):
         arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("="))
-    if arr.ndim and (arr.dtype.kind != "f" or np.isfinite(arr).all()):
+    # One reduction decides: NaN and +-inf make the sum non-finite (so may an overflowing sum of
+    # finite values, which then takes the exact path below, still correct).
+    if arr.ndim and (arr.dtype.kind != "f" or math.isfinite(arr.sum())):
         return arr  # orjson writes it natively, each float32 as its shortest repr
     if rows:
         return [orjson.Fragment(_numeric_json(arr[i])) for i in range(arr.shape[0])]

@@ -32,19 +32,22 @@ RELOAD_POLL = 0.05  # seconds between status polls while a reloaded config loads
 _STATES = {"LOADING": 20, "AVAILABLE": 30, "UNLOADING": 40, "END": 50, "FAILED": 50}
 
 
-def model_header(spec: Any, rtype: str = PREDICT, **extra: Any) -> dict[str, Any]:
-    """The native header for a TF Serving ModelSpec (gRPC message, or the REST path's parts)."""
-    if not spec.name:
-        raise InvalidArgument("Missing ModelSpec: the request names no model")
-    header: dict[str, Any] = {"type": rtype, "model": spec.name}
+def model_header(spec: Any) -> dict[str, Any]:
+    """The native predict header for a TF Serving ModelSpec (a gRPC message)."""
     choice = spec.WhichOneof("version_choice")
-    if choice == "version":
-        header["version"] = spec.version.value
-    elif choice == "version_label":
-        header["version_label"] = spec.version_label
-    if rtype == PREDICT:
-        header["signature"] = spec.signature_name or DEFAULT_SIGNATURE
-    header.update(extra)
+    return predict_header(spec.name, spec.version.value if choice == "version" else None,
+                          spec.version_label if choice == "version_label" else None, spec.signature_name)
+
+
+def predict_header(name: str, version: int | None, label: str | None, signature: str) -> dict[str, Any]:
+    """The native predict header for a model, version or label, and signature ("" = the default)."""
+    if not name:
+        raise InvalidArgument("Missing ModelSpec: the request names no model")
+    header: dict[str, Any] = {"type": PREDICT, "model": name, "signature": signature or DEFAULT_SIGNATURE}
+    if version is not None:
+        header["version"] = version
+    elif label is not None:
+        header["version_label"] = label
     return header
 
 
@@ -58,11 +61,11 @@ def spec_proto(name: str, version: int | None = None, label: str | None = None, 
 
 
 class Gateway:
-    """The calls both front doors make; one per gateway process, over one BrokerLink."""
+    """The calls both front doors make; one per gateway process, over one BrokerLink (the
+    metadata cache is shared by both)."""
 
-    def __init__(self, link: BrokerLink, entrypoint: str) -> None:
+    def __init__(self, link: BrokerLink) -> None:
         self.link = link
-        self.entrypoint = entrypoint  # default label; each transport passes its own
         self._metadata: dict[tuple[Any, ...], tuple[float, dict[str, Any]]] = {}
 
     # -- inference -----------------------------------------------------------------------------
@@ -84,16 +87,15 @@ class Gateway:
         meta = cached[1]
         name = header.get("signature") or DEFAULT_SIGNATURE
         sig = meta["signatures"].get(name)
-        if sig is None:
-            raise InvalidArgument(f"Serving signature key \"{name}\" not found. Available signatures: "
-                                  f"{', '.join(sorted(meta['signatures']))}")
+        if sig is None:  # 404, as the broker answers a native or gRPC predict naming it
+            raise NotFound(f"model '{meta['model']}' version {meta['version']} has no signature '{name}'; "
+                           f"available signatures: {', '.join(sorted(meta['signatures']))}")
         return meta, sig
 
-    async def classify_or_regress(self, spec: Any, serialized: np.ndarray, method: str, timeout: float | None,
-                                  entrypoint: str) -> tuple[dict[str, Any], Any]:
+    async def classify_or_regress(self, header: dict[str, Any], serialized: np.ndarray, method: str,
+                                  timeout: float | None, entrypoint: str) -> tuple[dict[str, Any], Any]:
         """(reply, ClassificationResult or RegressionResult) of a classify or regress signature run
         on serialized tf.Examples (examples.serialize_input / parse_examples)."""
-        header = model_header(spec)
         _, sig = await self.signature(header, timeout)
         if sig.get("method") != method:
             raise InvalidArgument(f"Expected {method} signature method_name, got: {sig.get('method')} "

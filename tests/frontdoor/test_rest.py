@@ -108,7 +108,7 @@ def test_classify_and_regress(tfs_server):
 
 @pytest.mark.parametrize("path, body, code, words", [
     ("/v1/models/nope:predict", {"instances": [1.0]}, 404, "nope"),
-    ("/v1/models/hpt:predict", {"signature_name": "nope", "instances": [1.0]}, 400, "nope"),
+    ("/v1/models/hpt:predict", {"signature_name": "nope", "instances": [1.0]}, 404, "no signature 'nope'"),
     ("/v1/models/hpt/versions/9:predict", {"instances": [1.0]}, 404, "version"),
     ("/v1/models/hpt:predict", {"instances": ["a"]}, 400, ""),
     ("/v1/models/hpt:predict", {"nothing": 1}, 400, "instances"),
