@@ -39,6 +39,7 @@ class WorkerSlot:
     restarts: int = 0
     last_seen: float = 0.0  # monotonic time of the worker's last message of any kind
     last_progress: float = 0.0  # monotonic time of its last reply (or READY): hang detection
+    vouched_at: float = 0.0  # the watchdog last saw this silent idle worker alive (runnable or using CPU)
     started_at: float = 0.0  # monotonic time the current process was spawned
     spawned: int = 0  # processes started at this index so far
     loading: bool = False  # out of rotation while it maps and warms a model version (rolling update)
@@ -110,9 +111,16 @@ class WorkerTable:
         return all(s is not None and s.state is WorkerState.READY for s in self._slots)
 
     def expired(self, now: float, silence: float) -> list[WorkerSlot]:
-        """Idle connected workers that have said nothing for ``silence`` seconds."""
+        """Idle connected workers that have said nothing for ``silence`` seconds, and that the
+        watchdog has not seen alive (starved, not dead) in that time either."""
         return [s for s in self if s.state is WorkerState.READY
-                and not s.inflight and now - s.last_seen > silence]
+                and not s.inflight and now - max(s.last_seen, s.vouched_at) > silence]
+
+    def suspects(self, now: float, busy_after: float, idle_after: float) -> list[WorkerSlot]:
+        """Connected workers silent for ``busy_after`` seconds while they hold a request, or for
+        ``idle_after`` while idle (an idle worker heartbeats): the watchdog probes them."""
+        return [s for s in self if s.state is WorkerState.READY
+                and now - s.last_seen > (busy_after if s.inflight else idle_after)]
 
     def hung(self, now: float, timeout: float) -> list[WorkerSlot]:
         """Workers holding requests that made no progress for ``timeout`` seconds.
@@ -201,6 +209,22 @@ class WorkerTable:
         if len(slot.inflight) == self.pipeline - 1:
             self._set_free(slot)
         return request
+
+    def vouch(self, slot: WorkerSlot, now: float) -> None:
+        """The watchdog saw this silent worker alive (starved, not dead): the silence rule waits."""
+        slot.vouched_at = now
+
+    def forgive(self, seconds: float, now: float) -> None:
+        """The broker's loop did not run for ``seconds``: it heard nothing then, so that time counts
+        against no worker. Moves each worker's silence and progress clocks forward (never past now)."""
+        for slot in self:
+            if slot.state is WorkerState.DEAD:
+                continue
+            slot.last_seen = min(now, slot.last_seen + seconds)
+            progress = slot.last_progress
+            if slot.inflight:
+                progress = max(progress, next(iter(slot.inflight.values())).sent_at)
+            slot.last_progress = min(now, progress + seconds)
 
     def set_loading(self, slot: WorkerSlot, loading: bool) -> None:
         """Takes a worker out of rotation while it loads a version, or puts it back."""
