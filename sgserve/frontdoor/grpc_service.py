@@ -16,6 +16,7 @@ import grpc
 from sgserve.auth import is_local_peer
 from sgserve.errors import InvalidArgument, PermissionDenied, ServeError
 from sgserve.frontdoor import examples, protos, tensors
+from sgserve.frontdoor.link import CONNECTION
 from sgserve.frontdoor.service import CLASSIFY_METHOD, REGRESS_METHOD, Gateway, grpc_code_name, model_header
 
 protos.load()
@@ -35,6 +36,9 @@ async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
 
 
 def _timeout(context: grpc.aio.ServicerContext) -> float | None:
+    """The call's remaining time (its gRPC deadline), and, for the broker's fair admission, the
+    connection it arrived on (link.CONNECTION: each RPC runs in its own task and context)."""
+    CONNECTION.set(context.peer())
     remaining = context.time_remaining()
     if remaining is None:
         return None
@@ -73,8 +77,8 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     async def Classify(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         try:
             reply, result = await self.gw.classify_or_regress(
-                model_header(request.model_spec), examples.serialize_input(request.input), CLASSIFY_METHOD, _timeout(context),
-                ENTRYPOINT)
+                model_header(request.model_spec), examples.serialize_input(request.input), CLASSIFY_METHOD,
+                _timeout(context), ENTRYPOINT)
             response = classification_pb2.ClassificationResponse(result=result)
             _fill_spec(response.model_spec, reply, request.model_spec)
             return response
@@ -84,8 +88,8 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     async def Regress(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         try:
             reply, result = await self.gw.classify_or_regress(
-                model_header(request.model_spec), examples.serialize_input(request.input), REGRESS_METHOD, _timeout(context),
-                ENTRYPOINT)
+                model_header(request.model_spec), examples.serialize_input(request.input), REGRESS_METHOD,
+                _timeout(context), ENTRYPOINT)
             response = regression_pb2.RegressionResponse(result=result)
             _fill_spec(response.model_spec, reply, request.model_spec)
             return response
@@ -105,8 +109,8 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             for task in request.tasks:
                 if task.method_name not in (CLASSIFY_METHOD, REGRESS_METHOD):
                     raise InvalidArgument(f"Unsupported signature method_name: {task.method_name}")
-                reply, result = await self.gw.classify_or_regress(model_header(task.model_spec), serialized, task.method_name,
-                                                                  _timeout(context), ENTRYPOINT)
+                reply, result = await self.gw.classify_or_regress(
+                    model_header(task.model_spec), serialized, task.method_name, _timeout(context), ENTRYPOINT)
                 out = response.results.add()
                 _fill_spec(out.model_spec, reply, task.model_spec)
                 if task.method_name == CLASSIFY_METHOD:

@@ -26,6 +26,7 @@ from google.protobuf import json_format
 
 from sgserve.errors import InvalidArgument, ServeError
 from sgserve.frontdoor import examples, metrics, rest_json
+from sgserve.frontdoor.link import CONNECTION
 from sgserve.frontdoor.service import CLASSIFY_METHOD, REGRESS_METHOD, Gateway, predict_header, spec_proto
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,8 @@ class RestApi:
         return _error(404, f"Malformed request: {request.method} {request.path}")
 
     async def models(self, request: web.Request) -> web.Response:
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        CONNECTION.set(f"rest:{peer[0]}:{peer[1]}" if peer else None)  # the broker's fair admission
         try:
             if request.method == "GET":
                 return await self._get(request.path)
