@@ -42,6 +42,7 @@ from sgserve.protocol import (DEFAULT_SIGNATURE, MAGIC, PREDICT, REPLY, REQUEST_
 
 log = logging.getLogger(__name__)
 
+HELD_GRACE = 0.1  # seconds past its deadline a request held by a worker is answered 504 by the broker
 _REPLY = W_REPLY[0]
 _HEARTBEAT = W_HEARTBEAT[0]
 _REPLY_SIZE = REPLY.size
@@ -251,7 +252,9 @@ class RoutingCore:
                     self.table.seen(slot, now)
                 log.debug("dropping a reply from %r for a request it no longer holds", identity)
                 return
-            if request.scatter is None:
+            if request.answered:
+                pass  # its client already had a 504 at the deadline (_expire_held)
+            elif request.scatter is None:
                 self._to_client(request.envelope.prefix + [MAGIC, *frames[2:]])
                 self._count(request, code, now)
                 if batch:
@@ -335,17 +338,29 @@ class RoutingCore:
         """Expired queued requests, silent workers (nothing heard for ``silence`` s while idle) and
         hung workers (a request held ``worker_timeout`` s without a reply)."""
         queue = self.queue
+        wall = time.time()
         if queue:
-            wall = time.time()
             queue.discard(lambda request: self._expire(request, wall, now))
             if self.table.free():
                 self.pump()
+        self._expire_held(wall)
         for slot in self.table.expired(now, silence):
             self.worker_lost(slot, f"sent nothing for {now - slot.last_seen:.1f} s "
                                    f"(heartbeat interval {self.config.heartbeat_interval:g} s x "
                                    f"liveness {self.config.heartbeat_liveness})")
         for slot in self.table.hung(now, worker_timeout):
             self.worker_lost(slot, f"held a request for over {worker_timeout:g} s without replying (--worker-timeout)")
+
+    def _expire_held(self, wall: float) -> None:
+        """Answers 504 for a request a worker still holds HELD_GRACE s past its deadline: a stopped
+        or slow worker must not keep its client waiting past it. The worker keeps the request (it
+        is still running it) and its late reply is dropped; if the worker dies, it is not retried."""
+        for slot in self.table:
+            for request in slot.inflight.values():
+                if request.deadline is not None and not request.answered and wall > request.deadline + HELD_GRACE:
+                    self.fail(request, DEADLINE_EXCEEDED, f"deadline exceeded while worker {slot.index} held the "
+                                                          f"request; its result will be discarded")
+                    request.answered = True
 
     # -- failures --------------------------------------------------------------------------------
     def worker_lost(self, slot: WorkerSlot, why: str) -> None:
@@ -357,6 +372,7 @@ class RoutingCore:
 
     def fail_over(self, orphans: list[DispatchRequest], index: int) -> None:
         """Retries each request a dead worker held once, on another worker; else answers 503."""
+        orphans = [r for r in orphans if not r.answered]  # answered 504 already: nothing to retry
         if not orphans:
             return
         retry_until = time.monotonic() + self.config.boot_timeout
@@ -412,7 +428,8 @@ class RoutingCore:
         for slot in self.table:
             pending.extend(self.table.mark_dead(slot))
         for request in pending:
-            self.fail(request, UNAVAILABLE, reason)
+            if not request.answered:
+                self.fail(request, UNAVAILABLE, reason)
 
     # -- reading ---------------------------------------------------------------------------------
     def drained(self) -> bool:

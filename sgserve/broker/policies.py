@@ -47,6 +47,7 @@ class DispatchRequest:
     header_frame: Any = None  # the client's header frame, forwarded to the worker untouched
     scatter: Any = None  # core.Scattered when this is one part of a split request
     part: int = 0  # which part (row range, in order) of a split request this is
+    answered: bool = False  # answered 504 while a worker held it past its deadline: its reply is dropped
 
     @property
     def request_id(self) -> Any:

@@ -13,7 +13,7 @@ import msgpack
 import pytest
 import zmq
 
-from sgserve.broker.core import RoutingCore
+from sgserve.broker.core import HELD_GRACE, RoutingCore
 from sgserve.models.manager import ModelManager
 from sgserve.models.tfs_config import ModelConfig
 from sgserve.broker.policies import load_policy
@@ -301,3 +301,18 @@ def test_a_retry_takes_the_replacement_when_no_other_worker_is_free(harness) -> 
     h.core.tick(time.monotonic(), silence=60.0, worker_timeout=60.0)
     [_, (worker, (_, _, _, attempt), _, _)] = h.sent()
     assert worker == b"w0-new" and attempt == 1 and not h.core.queue
+
+
+def test_a_request_held_past_its_deadline_is_answered_504_and_its_late_reply_dropped(harness) -> None:
+    """A stopped or slow worker must not keep its client past the deadline: the broker answers 504
+    HELD_GRACE after it; the worker's reply, when it comes, goes nowhere, and the slot is freed."""
+    h = harness(workers=1)
+    h.request(b"c", predict(1, timeout_ms=30), [X])
+    [(worker, (rid, _, _, _), _, _)] = h.sent()
+    time.sleep(0.03 + HELD_GRACE + 0.02)  # holds time on purpose: the deadline and the grace must pass
+    h.core.tick(time.monotonic(), silence=60.0, worker_timeout=60.0)
+    [(_, reply, _)] = h.replies()
+    assert reply["id"] == 1 and reply["code"] == 504 and "held the request" in reply["message"]
+    h.reply(worker, rid, {"id": 1, "code": 200, "message": ""})
+    assert len(h.replies()) == 1, "the late reply must not reach the client"
+    assert len(h.core.table.free()) == 1
