@@ -20,9 +20,10 @@ from sgserve.frontdoor.link import CONNECTION
 from sgserve.frontdoor.service import CLASSIFY_METHOD, REGRESS_METHOD, Gateway, grpc_code_name, model_header
 
 protos.load()
+from google.protobuf import message, message_factory  # noqa: E402
 from tensorflow_serving.apis import (classification_pb2, inference_pb2, model_management_pb2,  # noqa: E402
-                                     model_service_pb2_grpc, predict_pb2, prediction_service_pb2_grpc,
-                                     regression_pb2)
+                                     model_service_pb2, model_service_pb2_grpc, predict_pb2,
+                                     prediction_service_pb2, prediction_service_pb2_grpc, regression_pb2)
 
 log = logging.getLogger(__name__)
 ENTRYPOINT = "GRPC"
@@ -168,8 +169,33 @@ def _may_admin(context: grpc.aio.ServicerContext, admin_certs: set[bytes]) -> bo
 
 def add_services(server: grpc.aio.Server, gateway: Gateway, admin_certs: list[str] | None = None) -> None:
     """``admin_certs``: PEM certificates whose verified holders may reload the config from anywhere."""
-    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionService(gateway), server)
-    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(gateway, admin_certs), server)
+    server.add_generic_rpc_handlers((
+        _handlers(prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"], PredictionService(gateway)),
+        _handlers(model_service_pb2.DESCRIPTOR.services_by_name["ModelService"], ModelService(gateway, admin_certs))))
+
+
+def _handlers(service: Any, servicer: Any) -> grpc.GenericRpcHandler:
+    """The service's methods, each parsing its own request: bytes that are not the request message
+    get INVALID_ARGUMENT from us (grpc's own deserializer would answer UNKNOWN and log a traceback)."""
+    handlers = {}
+    for method in service.methods:
+        request_class = message_factory.GetMessageClass(method.input_type)
+        response_class = message_factory.GetMessageClass(method.output_type)
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+            _parsing(getattr(servicer, method.name), request_class),
+            response_serializer=response_class.SerializeToString)
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)
+
+
+def _parsing(impl: Any, request_class: Any) -> Any:
+    async def call(data: bytes, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            request = request_class.FromString(data)
+        except message.DecodeError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"the request is not a valid {request_class.DESCRIPTOR.full_name}: {exc}")
+        return await impl(request, context)
+    return call
 
 
 __all__ = ["PredictionService", "ModelService", "add_services"]

@@ -86,7 +86,7 @@ class RestApi:
         if m is None:
             raise InvalidArgument(f"Malformed request: GET {path}")
         name, version, label, meta = m.groups()
-        spec = spec_proto(name, int(version) if version else None, label)
+        spec = spec_proto(name, _version(version), label)
         if meta:
             proto = await self.gw.metadata_proto(spec, ["signature_def"], self.timeout)
         else:
@@ -101,7 +101,7 @@ class RestApi:
             raise InvalidArgument(f"Malformed request: POST {path}")
         name, version, label, verb = m.groups()
         doc = rest_json.read_json(body)  # its signature_name first: the signature says the dtypes
-        header = predict_header(name, int(version) if version else None, label, doc.signature_name or "")
+        header = predict_header(name, _version(version), label, doc.signature_name or "")
         if verb == "predict":
             return await self._predict(header, doc)
         serialized, _ = examples.parse_examples(doc)
@@ -116,6 +116,16 @@ class RestApi:
         inputs, fmt, _ = rest_json.parse_predict(doc, sig)
         _, outputs = await self.gw.predict(header, inputs, self.timeout, ENTRYPOINT)
         return _raw(rest_json.format_predict(outputs, fmt))
+
+
+def _version(text: str | None) -> int | None:
+    """The URL's version number: a version past int64 is a 400, not a failed proto assignment."""
+    if not text:
+        return None
+    version = int(text)
+    if version >= 1 << 63:
+        raise InvalidArgument(f"version {text} is out of range: versions are 64-bit integers")
+    return version
 
 
 def _raw(body: bytes) -> web.Response:
