@@ -33,7 +33,8 @@ fi
 python -m pip install -q --no-deps $serving_apis
 python -c '
 import importlib.util, sys
-for name in ("tensorflow_serving.apis.prediction_log_pb2", "tensorflow_serving.config.model_server_config_pb2"):
+for name in ("tensorflow_serving.apis.prediction_log_pb2", "tensorflow_serving.config.model_server_config_pb2",
+             "tensorflow_serving.apis.prediction_service_pb2_grpc"):
     try:
         found = importlib.util.find_spec(name)
     except ImportError:
