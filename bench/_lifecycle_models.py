@@ -140,10 +140,13 @@ def ensure(kind: str, *, table_mib: float, versions: int, width: int = 256, dept
     return store, info
 
 
-def publish(store: str, base: str, version: int) -> str:
-    """Puts ``store/<version>`` into a watched base path as deploy tools do: a hidden copy, then a
-    rename. The copy is made of hard links where the file system allows (instant, no page cache),
-    so the time measured from the rename is the server's alone."""
+def publish(store: str, base: str, version: int, source: int | None = None) -> str:
+    """Puts ``store/<source>`` (default: ``version``) into a watched base path as version ``version``,
+    as deploy tools do: a hidden copy, then a rename. The copy is made of hard links where the file
+    system allows (instant, no page cache), so the time measured from the rename is the server's
+    alone. Cycling a few stored versions (1, 2, 3, 1, 2, ...) gives any number of full swaps: each
+    one differs in every tensor from the version before it."""
+    source = version if source is None else source
     os.makedirs(base, exist_ok=True)
     tmp = os.path.join(base, f".incoming-{version}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -154,7 +157,7 @@ def publish(store: str, base: str, version: int) -> str:
         except OSError:
             shutil.copy2(src, dst)
 
-    shutil.copytree(os.path.join(store, str(version)), tmp, copy_function=link_or_copy)
+    shutil.copytree(os.path.join(store, str(source)), tmp, copy_function=link_or_copy)
     final = os.path.join(base, str(version))
     os.rename(tmp, final)
     return final

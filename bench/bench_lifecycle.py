@@ -27,7 +27,17 @@ against a baseline measured in the same run:
    worker until every worker has answered for the new version, then --steady-requests sequential
    requests (the steady latency). With the default warmup and with --no-model-warmup.
 
-    python bench/bench_lifecycle.py                    # all three, full sizes (1 GiB incremental model)
+4. pacing (bench/_swap_pacing.py): part 1 with every tensor changing, once per `--load-bandwidth`
+   setting in --load-bandwidths (a server each, rounds interleaved, one open-loop rate for all):
+   load time against p99, the whole swap window and the loader's write alone (RESULTS.md 4.4).
+   During parts 1 and 4 a sampler (bench/_lifecycle_probe.py) records each server process's CPU
+   (user/kernel), page faults and context switches, and the machine's idle/steal, dirty/writeback
+   pages and pressure stalls, reported per phase of each swap; --py-spy dumps the processes' stacks
+   during the first swap, --boost-nice shields the run from other sessions' jobs. Set
+   SGSERVE_SEGMENT_DIR to run on the file tier; --store-versions N cycles N built versions.
+
+    python bench/bench_lifecycle.py                    # parts 1-3, full sizes (1 GiB incremental model)
+    python bench/bench_lifecycle.py --parts pacing --swap-table-mib 1024 --store-versions 2 --swaps 2
     python bench/bench_lifecycle.py --quick            # small and fast (results: bench_lifecycle_quick)
     python bench/bench_lifecycle.py --parts swap,warmup --rate 80
 
@@ -50,9 +60,11 @@ from typing import Any, Callable
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
 import _lifecycle_models as LM  # noqa: E402
+import _lifecycle_probe as LP  # noqa: E402
+import _swap_pacing as SP  # noqa: E402
 
 MODEL = "m"
-PARTS = ("swap", "incremental", "warmup")
+PARTS = ("swap", "incremental", "warmup", "pacing")
 RUNS_DIR = os.path.join(C.CACHE_DIR, "lifecycle_runs")
 
 
@@ -353,8 +365,15 @@ def probe_capacity(endpoint: str, batch: int, concurrency: int, seconds: float) 
 
 # ------------------------------------------------------------------------------------ part 1: swap
 def swap_store(args, versions: int) -> tuple[str, dict]:
-    return LM.ensure("swap", table_mib=args.swap_table_mib, versions=versions, width=args.swap_width,
-                     depth=args.swap_depth, change=args.swap_change)
+    """The swap model's store; with --store-versions N, N versions published in turn (1..N, 1, ...)."""
+    return LM.ensure("swap", table_mib=args.swap_table_mib, versions=args.store_versions or versions,
+                     width=args.swap_width, depth=args.swap_depth, change=args.swap_change)
+
+
+def stored(args, info: dict, k: int) -> int:
+    """Which stored version is published as version k (they cycle with --store-versions)."""
+    n = len(info["versions"])
+    return (k - 1) % n + 1
 
 
 def swap_versions_needed(args) -> int:
@@ -362,14 +381,20 @@ def swap_versions_needed(args) -> int:
     return max(args.swaps, args.warmup_rounds * 2) + 1
 
 
-def part_swap(args) -> dict[str, Any]:
+def part_swap(args, extra: list[str] | None = None) -> dict[str, Any]:
     store, info = swap_store(args, swap_versions_needed(args))
     base = fresh_base("swap")
-    out: dict[str, Any] = {"model": info, "batch": args.batch, "swaps": []}
+    extra = list(args.server_arg) if extra is None else extra
+    out: dict[str, Any] = {"model": info, "batch": args.batch, "swaps": [], "server_extra": extra,
+                           "segment_dir": os.environ.get("SGSERVE_SEGMENT_DIR")}
     try:
         LM.publish(store, base, 1)
         out["other_load_before"] = quiet(args)
-        with C.server(server_args(base, args, []), label="lifecycle-swap", timeout=900) as s:
+        with C.server(server_args(base, args, extra), label="lifecycle-swap", timeout=900) as s, \
+                LP.SwapProbe(s.pid, every=0.05) as sampler:
+            if args.boost_nice:
+                out["boost_failed"] = LP.boost_autogroups([s.pid, os.getpid()], args.boost_nice)
+                out["boost_nice"] = args.boost_nice
             if args.rate:
                 rate = args.rate
                 out["rate_source"] = "--rate"
@@ -389,8 +414,11 @@ def part_swap(args) -> dict[str, Any]:
                         t_steady = wall_now()
                         time.sleep(args.steady_seconds)
                         t_pub = wall_now()
-                        LM.publish(store, base, k)
+                        LM.publish(store, base, k, source=stored(args, info, k))
                         C.log(f"swap {k - 1}/{args.swaps}: published version {k}")
+                        if args.py_spy and k == 2:
+                            out["stacks"] = LP.dump_stacks_when(sampler, lambda: (k, "LOADING") in watch.first_seen,
+                                                                args.py_spy_delay)
                         okay = watch.wait_for(f"version {k} AVAILABLE and {k - 1} END",
                                               lambda vs, k=k: state(vs, k) == "AVAILABLE" and state(vs, k - 1) == "END",
                                               args.swap_timeout)
@@ -428,7 +456,9 @@ def part_swap(args) -> dict[str, Any]:
     for sw in out["swaps"]:
         t_pub = sw["t_publish"]
         steady = window(records, sw["t_steady"], t_pub)
+        steady["machine"] = sampler.deltas(sw["t_steady"], t_pub)
         swap = window(records, t_pub, sw["t_window_end"])
+        swap["machine"] = sampler.deltas(t_pub, sw["t_window_end"])
         steady_all += [r[1] for r in records if sw["t_steady"] <= r[0] < t_pub and r[4] == "200"]
         tl = dict(sw["timeline_s"])
         logt = events_for(events, sw["to_version"], t_pub)["t_rel"]
@@ -445,6 +475,7 @@ def part_swap(args) -> dict[str, Any]:
             ph = window(records, t_pub + a, t_pub + b)
             ph["phase"] = name
             ph["from_s"], ph["to_s"] = a, b
+            ph["machine"] = sampler.deltas(t_pub + a, t_pub + b)
             phases.append(ph)
         k = sw["to_version"]
         answered = sorted((r[0], r[2]) for r in records if r[4] == "200" and r[2] in (k - 1, k))
@@ -910,6 +941,8 @@ def plot(result: dict[str, Any], name: str) -> None:
     if plt is None:
         return
     parts = result["parts"]
+    if not set(parts) & {"swap", "incremental", "warmup"}:
+        return  # part pacing alone: report_pacing draws it
     fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
     ax = axes[0][0]
     if "swap" in parts and parts["swap"]["records"]:
@@ -1011,7 +1044,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
                     help="small and fast: 32 MiB swap table, 128 MiB incremental table, 4 s windows, 2 swaps/rounds")
-    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {', '.join(PARTS)} (default: all)")
+    ap.add_argument("--parts", default="swap,incremental,warmup",
+                    help=f"comma list of {', '.join(PARTS)} (default: the first three; pacing takes one server per setting)")
     ap.add_argument("--name", default=None, help="results name (default bench_lifecycle, or bench_lifecycle_quick)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--cpus-per-worker", type=int, default=1)
@@ -1019,6 +1053,19 @@ def main() -> int:
     ap.add_argument("--swap-table-mib", type=float, default=None, help="swap model's table (default 128; quick 32)")
     ap.add_argument("--swap-width", type=int, default=256)
     ap.add_argument("--swap-depth", type=int, default=3)
+    ap.add_argument("--store-versions", type=int, default=None,
+                    help="build only this many swap versions and publish them in turn (any number of full swaps)")
+    ap.add_argument("--server-arg", action="append", default=[],
+                    help="extra `sgserve start` argument for the swap part (repeat; e.g. --server-arg=--load-bandwidth=200MiB)")
+    ap.add_argument("--load-bandwidths", default="0,400MiB,200MiB,100MiB",
+                    help="part pacing: the --load-bandwidth settings compared (comma list)")
+    ap.add_argument("--pacing-rounds", type=int, default=2, help="part pacing: rounds over the settings, interleaved")
+    ap.add_argument("--boost-nice", type=int, default=0,
+                    help="swap/pacing: autogroup nice of the server's and this script's sessions (e.g. -10: other "
+                         "people's jobs on a shared machine disturb less); 0: unchanged")
+    ap.add_argument("--py-spy", action="store_true",
+                    help="during the first swap, py-spy dumps of the loader, a worker and the broker (in the JSON)")
+    ap.add_argument("--py-spy-delay", type=float, default=0.2, help="seconds after LOADING is seen before the dumps")
     ap.add_argument("--swap-change", choices=["all", "dense"], default="all",
                     help="what differs between swap versions: every tensor (default, a full load each swap) or "
                          "only the MLP (the table is shared by an incremental update)")
@@ -1061,6 +1108,7 @@ def main() -> int:
             saved = json.load(f)
         print_report(saved)
         plot(saved, name)
+        report_pacing(saved, name)
         return 0
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = [p for p in parts if p not in PARTS]
@@ -1078,7 +1126,8 @@ def main() -> int:
                   "shared machine: other_load_* fields are the cores other processes used just before a measurement"],
         "parts": {}}
     t_start = time.monotonic()
-    runners = {"swap": part_swap, "incremental": part_incremental, "warmup": part_warmup}
+    runners = {"swap": part_swap, "incremental": part_incremental, "warmup": part_warmup,
+               "pacing": lambda a: SP.part_pacing(a, part_swap)}
     for part in parts:
         C.log(f"=== part: {part}")
         t0 = time.monotonic()
@@ -1089,7 +1138,18 @@ def main() -> int:
     C.write_json(name, result)
     print_report(result)
     plot(result, name)
+    report_pacing(result, name)
     return 0
+
+
+def report_pacing(result: dict[str, Any], name: str) -> None:
+    """Part pacing has its own table and PNG (NAME_pacing.png)."""
+    if "pacing" in result["parts"]:
+        p = result["parts"]["pacing"]
+        SP.print_pacing(p)
+        table = p["runs"][0]["swap"]["model"]["table_bytes"] / C.MiB if p["runs"] else 0
+        SP.plot_pacing(p, f"{name}_pacing", result["machine"],
+                       f"{table:.0f} MiB table, all tensors change, {p.get('segment_dir') or '/dev/shm'}")
 
 
 if __name__ == "__main__":

@@ -114,7 +114,7 @@ def _fail(exc: Exception) -> None:
 @curve_options
 def status(endpoint: str | None, as_json: bool, timeout: float, curve_server_key: str | None,
            curve_client_key: str | None) -> None:
-    """Workers (pid, cores, state, requests served) and models (version, bytes in shared memory)."""
+    """Workers (pid, cores, state, requests served) and models (version, bytes, tier: shm or the segment dir)."""
     try:
         with _client(endpoint, timeout, (curve_server_key, curve_client_key)) as c:
             st = c.status()
@@ -138,20 +138,21 @@ def status(endpoint: str | None, as_json: bool, timeout: float, curve_server_key
     if st.get("config_error"):
         click.echo(f"model config NOT applied (the running one stays): {st['config_error']}")
     click.echo(f"{'MODEL':<16} {'VERSION':>7} {'STATE':<10} {'LABELS':<14} {'MiB':>8} {'NEW MiB':>8} "
-               f"{'LOAD s':>7}  NOTES")
+               f"{'LOAD s':>7}  {'TIER':<8}  NOTES")
     for m in st.get("model_status", []):
         notes = [f"policy {m.get('policy')}"]
         if m.get("pinned") is not None:
             notes.append(f"pinned to {m['pinned']}")
         if m.get("error"):
             notes.append(m["error"])
-        click.echo(f"{m.get('name'):<16} {'':>7} {'':<10} {'':<14} {'':>8} {'':>8} {'':>7}  {'; '.join(notes)}")
+        click.echo(f"{m.get('name'):<16} {'':>7} {'':<10} {'':<14} {'':>8} {'':>8} {'':>7}  {'':<8}  "
+                   f"{'; '.join(notes)}")
         for v in m.get("versions", []):
             load = v.get("load_seconds")
             note = ("serving" if v.get("serving") else "") + (f" {v['error']}" if v.get("error") else "")
             click.echo(f"{'':<16} {v.get('version'):>7} {v.get('state'):<10} {','.join(v.get('labels', [])):<14} "
                        f"{v.get('bytes', 0) / 1048576:>8.1f} {v.get('own_bytes', 0) / 1048576:>8.1f} "
-                       f"{load if load is not None else '-':>7}  {note.strip()}")
+                       f"{load if load is not None else '-':>7}  {v.get('tier') or '-':<8}  {note.strip()}")
 
 
 def _parse_inputs(inputs: tuple[str, ...], json_text: str | None, meta: dict[str, Any], signature: str) -> dict[str, np.ndarray]:

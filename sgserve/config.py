@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from typing import Any
 
 from sgserve.protocol import default_endpoint
@@ -34,6 +35,27 @@ def setting(default: Any = dataclasses.MISSING, *, help: str, factory: Any = dat
             **how: Any) -> Any:
     """A ServerConfig field that is a setting (a field made otherwise is derived, never a flag)."""
     return dataclasses.field(default=default, default_factory=factory, metadata={"setting": Setting(help, **how)})
+
+
+class ByteRate(int):
+    """Bytes per second, written as a size: ``200MiB``, ``1.5GiB/s``, ``500MB``, ``0`` (no limit).
+
+    A click option of this type turns a value it cannot read into a usage error (exit 2)."""
+
+    _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "ki": 2**10, "m": 10**6, "mb": 10**6,
+              "mib": 2**20, "mi": 2**20, "g": 10**9, "gb": 10**9, "gib": 2**30, "gi": 2**30}
+
+    def __new__(cls, value: Any = 0) -> "ByteRate":
+        if isinstance(value, int):
+            number, unit = float(value), ""
+        else:
+            m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([A-Za-z]*)\s*(?:/s)?\s*", str(value))
+            if not m or m.group(2).lower() not in cls._UNITS:
+                raise ValueError(f"{value!r} is not a byte rate: write e.g. 200MiB, 1GiB, 500MB or 0 (unlimited)")
+            number, unit = float(m.group(1)), m.group(2).lower()
+        if number < 0:
+            raise ValueError(f"{value!r} is not a byte rate: it must be 0 (unlimited) or more")
+        return super().__new__(cls, int(number * cls._UNITS[unit]))
 
 
 def _default_cache_dir() -> str:
@@ -74,6 +96,11 @@ class ServerConfig:
     max_num_load_retries: int = setting(
         5, help="a failed load (e.g. a version still being copied) is retried this many times, then FAILED")
     load_retry_interval: float = setting(60.0, shown_default="60 s", help="seconds between load retries")
+    load_bandwidth: ByteRate = setting(
+        ByteRate(0), shown_default="0: unlimited",
+        help="the most bytes per second the loader writes a new version while serving, e.g. `200MiB` or `1GiB` "
+             "(units B, KiB, MiB, GiB, KB, MB, GB; `/s` optional): a full retrain's write then disturbs the "
+             "serving requests less, at the cost of a longer load (bench/RESULTS.md section 4.4)")
     version_transition: str = setting(
         "availability-preserving", choices=VERSION_TRANSITIONS,
         help="load the new version before the old one unloads (`availability-preserving`), or unload first "
@@ -81,6 +108,11 @@ class ServerConfig:
     incremental_updates: bool = setting(
         True, flag="--incremental-updates/--no-incremental-updates", shown_default="on",
         help="a new version shares the tensors that did not change (same checkpoint crc32c) with the previous one")
+    segment_dir: str = setting(
+        "/dev/shm", path=True,
+        help="where each version's segment lives: `/dev/shm` (RAM), or a directory on an SSD/NVMe volume, where "
+             "each segment is a file the workers map the same way and the page cache keeps the hot pages in RAM "
+             "(models larger than the memory the server may use)")
     enable_model_warmup: bool = setting(
         True, flag="--enable-model-warmup/--no-model-warmup", shown_default="on",
         help="warm each version on every worker before it takes traffic")

@@ -166,10 +166,23 @@ def spare_cores(cores: Sequence[Sequence[int]]) -> list[int]:
     return sorted(allowed - {c for worker in cores for c in worker})
 
 
-def remove_own_segments(sid: str) -> None:
-    for name in shared_segment.list_segments():
-        if name.startswith(f"/{shared_segment.SEGMENT_PREFIX}{sid}_"):
-            shared_segment.unlink(name)
+def remove_own_segments(sid: str, segment_dir: str | None = None) -> None:
+    """Unlinks every segment this server made, in /dev/shm and in its segment dir."""
+    own = f"{shared_segment.SEGMENT_PREFIX}{sid}_"
+    for directory in dict.fromkeys([None, segment_dir]):
+        for name in shared_segment.list_segments(directory):
+            if os.path.basename(name).startswith(own):
+                shared_segment.unlink(name)
+
+
+def check_segment_dir(segment_dir: str) -> None:
+    """--segment-dir must be a directory this user can create files in (the loader writes there)."""
+    if shared_segment.is_shm_dir(segment_dir):
+        return
+    if not os.path.isdir(segment_dir):
+        raise ConfigError(f"--segment-dir {segment_dir} is not a directory")
+    if not os.access(segment_dir, os.W_OK | os.X_OK):
+        raise ConfigError(f"--segment-dir {segment_dir} is not writable by this user")
 
 
 @dataclasses.dataclass
@@ -203,6 +216,8 @@ def check(config: ServerConfig) -> _Checked:
         raise ConfigError(f"--version-transition must be {AVAILABILITY_PRESERVING} or {RESOURCE_PRESERVING}, "
                           f"got {config.version_transition!r}")
     models, config_text = model_configs(config)
+    check_segment_dir(config.segment_dir)
+    config = dataclasses.replace(config, segment_dir=os.path.abspath(config.segment_dir))  # loader, cleanup
     check_endpoint_free(config.endpoint)
     return _Checked(config, cores, policy, models, config_text, front_door(config))
 
@@ -220,7 +235,7 @@ def run(config: ServerConfig, *, worker_command: list[str] | None = None,
 
     checked = check(config)
     config = checked.config
-    shared_segment.remove_stale_segments()
+    shared_segment.remove_stale_segments((config.segment_dir,))
     sid = shared_segment.server_id()
     runtime_dir = shared_segment.runtime_dir(sid)
     os.makedirs(runtime_dir, mode=0o700, exist_ok=True)
@@ -233,7 +248,7 @@ def run(config: ServerConfig, *, worker_command: list[str] | None = None,
             raise KeyboardInterrupt
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    loader = LoaderService(sid)  # loads the first versions now, and every update later
+    loader = LoaderService(sid, config.segment_dir)  # loads the first versions now, and every update later
     manager = None
     try:
         specs = load_initial(config, checked.models, loader)
@@ -261,5 +276,5 @@ def run(config: ServerConfig, *, worker_command: list[str] | None = None,
         if manager is not None:
             manager.close()  # the broker closed it already when it ran; closing twice is harmless
         loader.close()
-        remove_own_segments(sid)
+        remove_own_segments(sid, config.segment_dir)
         shutil.rmtree(runtime_dir, ignore_errors=True)

@@ -19,6 +19,7 @@ from typing import Any, Callable, TextIO
 
 import click
 
+import google_crc32c
 import msgpack
 import numpy as np
 
@@ -152,13 +153,14 @@ def load_base(segment: str) -> dict[str, Any]:
 
 def load_version(name: str, base_path: str, version: int, sid: str,
                  progress: Callable[[str, int], LoadProgress] | None = None,
-                 base_segment: str | None = None) -> ModelSpec:
+                 base_segment: str | None = None, segment_dir: str | None = None,
+                 pace: LoadPace | None = None) -> ModelSpec:
     """Reads ``base_path/version`` into a new shared segment; returns its ModelSpec.
 
     With ``base_segment`` (a live segment of an earlier version of the same model), tensors whose
     checkpoint crc32c, dtype and shape match that version's are not read again: the new manifest
     points at the bytes already in shared memory, so the update costs time and memory in proportion
-    to what changed.
+    to what changed. ``pace`` limits how fast the bytes are written (an update next to serving workers).
     """
     from sgserve.models import graph_rewrite  # noqa: PLC0415
 
@@ -186,9 +188,9 @@ def load_version(name: str, base_path: str, version: int, sid: str,
     manifest = {"format": 1, "model": name, "version": version, "base_path": base_path, "tensors": layout.tensors,
                 "graph": sg.graph_def, "signatures": signatures_full, "init_nodes": sg.init_nodes,
                 "assets": sg.assets}
-    seg_name = shared_segment.segment_name(sid, name, version)
+    seg_name = shared_segment.segment_name(sid, name, version, segment_dir)  # a file under it, or /dev/shm
     _write_segment(seg_name, manifest, layout, reader, version_dir,
-                   (progress or LoadProgress)(f"{name} version {version}", layout.data_bytes))
+                   (progress or LoadProgress)(f"{name} version {version}", layout.data_bytes), pace)
     borrowed = sorted({t["segment"] for t in layout.placed.values() if "segment" in t})
     public = {k: s.public() for k, s in sg.signatures.items()}
     return ModelSpec(name=name, version=version, base_path=base_path, segment=seg_name,
@@ -226,6 +228,7 @@ class _Layout:
     own: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # keys written into its segment
     placed: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # every key, once
     strings: dict[str, bytes] = dataclasses.field(default_factory=dict)  # string tensors, packed
+    sources: dict[str, Any] = dataclasses.field(default_factory=dict)  # key -> checkpoint_index.TensorEntry
     data_bytes: int = 0
     shared_bytes: int = 0
 
@@ -266,6 +269,7 @@ def _lay_out(variables: Any, version_dir: str, reader: Any, shapes: dict[str, An
                  "nbytes": nbytes}
         if crc is not None and not crc.sliced:
             entry["crc32c"] = crc.crc32c
+            out.sources[var.key] = crc
         out.own[var.key] = out.placed[var.key] = entry
         out.tensors.append(entry)
         out.data_bytes = shared_segment.align(out.data_bytes + nbytes)
@@ -273,24 +277,22 @@ def _lay_out(variables: Any, version_dir: str, reader: Any, shapes: dict[str, An
 
 
 def _write_segment(seg_name: str, manifest: dict[str, Any], layout: _Layout, reader: Any, version_dir: str,
-                   prog: LoadProgress) -> None:
+                   prog: LoadProgress, pace: LoadPace | None = None) -> None:
     """Creates the segment and copies this version's own tensors in; unlinks it on any failure."""
-    from sgserve.models import graph_rewrite  # noqa: PLC0415
-
+    pace = pace or LoadPace()
+    data_files = _DataFiles(os.path.join(version_dir, "variables", "variables"))
     writer = shared_segment.SegmentWriter(seg_name, layout.data_bytes, manifest)
     try:
         for entry in layout.own.values():
             if entry["dtype"] == "string":
                 writer.write_bytes(entry["offset"], layout.strings[entry["key"]])
+                pace.wrote(entry["nbytes"])
             elif entry["nbytes"]:
-                try:
-                    arr = reader.get_tensor(entry["key"])
-                except Exception as exc:  # noqa: BLE001 - IndexError, DataLossError, ... on a bad file
-                    raise graph_rewrite.ModelFormatError(
-                        f"{version_dir}: corrupt or truncated checkpoint data for '{entry['key']}' "
-                        f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
-                writer.write(entry["offset"], arr)
-                del arr
+                source = layout.sources.get(entry["key"])
+                direct = source is not None and source.size == entry["nbytes"]
+                if not (direct and data_files.read_into(writer, entry, source, pace)):
+                    writer.write(entry["offset"], _get_tensor(reader, entry["key"], version_dir))
+                    pace.wrote(entry["nbytes"])
             prog.advance(entry["nbytes"])
         prog.finish()
         writer.finish()
@@ -299,6 +301,124 @@ def _write_segment(seg_name: str, manifest: dict[str, Any], layout: _Layout, rea
         writer.close()
         shared_segment.unlink(seg_name)
         raise
+    finally:
+        data_files.close()
+
+
+def _get_tensor(reader: Any, key: str, version_dir: str) -> np.ndarray:
+    """One whole tensor through TensorFlow's reader (string and partitioned tensors, odd checkpoints)."""
+    from sgserve.models import graph_rewrite  # noqa: PLC0415
+
+    try:
+        return reader.get_tensor(key)
+    except Exception as exc:  # noqa: BLE001 - IndexError, DataLossError, ... on a bad file
+        raise graph_rewrite.ModelFormatError(
+            f"{version_dir}: corrupt or truncated checkpoint data for '{key}' "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+
+
+class LoadPace:
+    """Holds a load to at most ``bandwidth`` bytes/s (0: no limit), checked after every chunk.
+
+    A full-model write next to serving workers competes with them for the cores (the loader's page
+    faults and copies run in the kernel, where SCHED_IDLE does not hold it back) and for memory
+    bandwidth; sleeping between chunks spreads that cost so that the workers' requests are not
+    queued behind it (bench/RESULTS.md section 4.4 measured the trade: load time against p99).
+    """
+
+    CHUNK = 4 * 2**20  # bytes per read-and-copy step: small enough to pace, big enough to be cheap
+
+    def __init__(self, bandwidth: int = 0, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.bandwidth = max(0, int(bandwidth))
+        self._clock, self._sleep = clock, sleep
+        self._start = clock()
+        self.done = 0
+        self.slept = 0.0
+
+    def wrote(self, nbytes: int) -> None:
+        self.done += nbytes
+        if not self.bandwidth:
+            return
+        ahead = self.done / self.bandwidth - (self._clock() - self._start)
+        if ahead > 0:
+            self._sleep(ahead)
+            self.slept += ahead
+
+
+class _DataFiles:
+    """A checkpoint's data shards, read straight into the segment.
+
+    TensorFlow's reader returns each tensor in a fresh private buffer, which is then copied into
+    the segment: twice the page faults, twice the copying, and a peak of twice the tensor. Numeric
+    tensors are stored raw in the shard the index names, so they are read chunk by chunk into their
+    place in the segment, their crc32c checked as TensorFlow's reader checks it. Anything unusual
+    (a missing shard, a short read) returns False and the caller falls back to TensorFlow's reader.
+    """
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self._fds: dict[int, int | None] = {}
+        self._bounce: np.ndarray | None = None  # file tier: chunks go through SegmentWriter.write
+
+    def _fd(self, shard: int) -> int | None:
+        if shard not in self._fds:
+            import glob  # noqa: PLC0415
+
+            found = sorted(glob.glob(f"{glob.escape(self.prefix)}.data-{shard:05d}-of-*"))
+            self._fds[shard] = os.open(found[0], os.O_RDONLY) if len(found) == 1 else None
+        return self._fds[shard]
+
+    def read_into(self, writer: shared_segment.SegmentWriter, entry: dict[str, Any], source: Any,
+                  pace: LoadPace) -> bool:
+        fd = self._fd(source.shard_id)
+        if fd is None:
+            return False
+        # /dev/shm: straight into the mapping (one copy). The file tier's writer flushes what it is
+        # given to disk as it goes, so there each chunk goes through it (a cache-hot second copy).
+        direct = not getattr(writer, "file_tier", False)
+        start = shared_segment.DATA_START + entry["offset"]
+        crc, pos, size = 0, 0, source.size
+        view = done = None
+        try:
+            while pos < size:
+                n = min(size - pos, pace.CHUNK)
+                if direct:
+                    view = writer.buffer[start + pos:start + pos + n]
+                else:
+                    if self._bounce is None:
+                        self._bounce = np.empty(pace.CHUNK, np.uint8)
+                    view = self._bounce[:n]
+                got = os.preadv(fd, [view], source.offset + pos)
+                if got <= 0:
+                    return False
+                done = view[:got].view()
+                done.flags.writeable = False  # google_crc32c takes read-only buffers only
+                crc = google_crc32c.extend(crc, done)
+                if not direct:
+                    writer.write(entry["offset"] + pos, done)
+                pos += got
+                pace.wrote(got)
+        finally:
+            view = done = None  # views of the mapping: the writer cannot close it while they exist
+        if _masked(crc) != source.crc32c:
+            from sgserve.models import graph_rewrite  # noqa: PLC0415
+
+            raise graph_rewrite.ModelFormatError(
+                f"{os.path.dirname(os.path.dirname(self.prefix))}: corrupt checkpoint data for '{entry['key']}' "
+                f"(crc32c mismatch)")
+        return True
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            if fd is not None:
+                os.close(fd)
+        self._fds.clear()
+
+
+def _masked(crc: int) -> int:
+    """TensorFlow's crc32c::Mask, as the checkpoint index stores each tensor's crc32c."""
+    return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -324,9 +444,9 @@ def serve_jobs(sid: str, background: bool = False) -> int:
     """The loader as a service: TensorFlow is imported once, so a version update costs what the
     version needs (its graph and changed tensors), not a TensorFlow start-up of several seconds.
 
-    Each stdin line is a job, {"name", "base_path", "version", "base_segment"}, plus "background"
-    and "cores" for an update while serving, or {"name", "demo_cache_dir"} for the built-in demo
-    model (built once, its latest version loaded). Each answer is one stdout line, {"ok": true,
+    Each stdin line is a job, {"name", "base_path", "version", "base_segment"}, plus "background",
+    "cores" and "load_bandwidth" (bytes/s, 0: unlimited) for an update while serving, or {"name",
+    "demo_cache_dir"} for the built-in demo model (built once, its latest version loaded). Each answer is one stdout line, {"ok": true,
     "spec": ModelSpec} or {"ok": false, "error": the cause}. Exits at end of input.
     """
     with tensorflow_import_quiet():
@@ -366,7 +486,8 @@ def _run_job(job: dict[str, Any], sid: str) -> ModelSpec:
         version = latest_version(base)
     if not os.path.isdir(os.path.join(base, str(version))):
         raise ModelNotFound(f"version {version} of model '{job['name']}' not found under {base}")
-    return load_version(job["name"], base, int(version), sid, base_segment=job.get("base_segment"))
+    return load_version(job["name"], base, int(version), sid, base_segment=job.get("base_segment"),
+                        segment_dir=job.get("segment_dir"), pace=LoadPace(job.get("load_bandwidth") or 0))
 
 
 def _private_stdout() -> TextIO:

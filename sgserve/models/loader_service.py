@@ -29,8 +29,9 @@ class LoaderDied(Exception):
 
 
 class LoaderService:
-    def __init__(self, server_id: str) -> None:
+    def __init__(self, server_id: str, segment_dir: str | None = None) -> None:
         self.server_id = server_id
+        self.segment_dir = segment_dir  # every job's segment goes there (None: /dev/shm)
         self.background = False  # set by the first background job: a restarted process starts idle
         self.cores: list[int] = []  # where background jobs run (empty: anywhere)
         self.proc: subprocess.Popen | None = None
@@ -74,6 +75,8 @@ class LoaderService:
         if job.get("background"):
             self.background = True
             self.cores = list(job.get("cores") or [])
+        if self.segment_dir is not None:
+            job = dict(job, segment_dir=self.segment_dir)
         self.start()
         assert self.proc is not None and self.proc.stdin is not None
         try:

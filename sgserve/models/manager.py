@@ -260,7 +260,7 @@ class ModelManager:
 
     def _loader(self) -> LoaderService:
         if self._service is None:
-            self._service = LoaderService(self.server_id)
+            self._service = LoaderService(self.server_id, self.config.segment_dir)
         return self._service
 
     def _submit(self, key: Key, now: float) -> None:
@@ -269,7 +269,8 @@ class ModelManager:
         try:
             self._loader().submit({"name": key[0], "base_path": sm.config.base_path, "version": key[1],
                                    "base_segment": base.segment if base is not None else None,
-                                   "background": True, "cores": self.loader_cores})
+                                   "background": True, "cores": self.loader_cores,
+                                   "load_bandwidth": self.config.load_bandwidth})
         except OSError as exc:
             self._apply(self.versions.load_failed(key, f"cannot start the loader: {exc}", now))
             return
@@ -317,9 +318,10 @@ class ModelManager:
 
     def _remove_orphans(self, key: Key) -> None:
         """Segments a killed loader was writing for ``key`` (no version refers to them)."""
-        probe = shared_segment.segment_name(self.server_id, key[0], key[1])
+        probe = shared_segment.segment_name(self.server_id, key[0], key[1], self.config.segment_dir)
         prefix = probe[:probe.rindex("_") + 1]
-        self.refs.unlink_if_free(seg for seg in shared_segment.list_segments() if seg.startswith(prefix))
+        self.refs.unlink_if_free(seg for seg in shared_segment.list_segments(self.config.segment_dir)
+                                 if seg.startswith(prefix))
 
     # -- config file ---------------------------------------------------------------------------
     def reload_config(self) -> bool:
@@ -455,6 +457,8 @@ def _version_row(mv: ModelVersion, serving: bool) -> dict[str, Any]:
             "bytes": spec.segment_bytes if spec else 0, "own_bytes": own,
             "shared_bytes": (spec.segment_bytes - own) if spec else 0,
             "segments": spec.all_segments() if spec else [],
+            # shm (RAM) or the segment dir; a version on the file tier may share tensors with one before it
+            "tier": shared_segment.tier(spec.segment) if spec else None,
             "load_seconds": mv.load_seconds, "available_since": mv.available_since, "workers": [],
             # The worker reports both with its warmup; status shows them apart (split: signature -> why
             # it is served unsplit, None when the broker may split it; absent when splitting is off).

@@ -21,6 +21,8 @@ eager runtime's.
 from __future__ import annotations
 
 import logging
+import mmap
+import os
 import threading
 import weakref
 from typing import Any
@@ -32,7 +34,7 @@ from tensorflow.core.protobuf import config_pb2
 from tensorflow.python.framework import graph_util_impl
 
 from sgserve.errors import InvalidArgument
-from sgserve.models.shared_segment import SegmentView
+from sgserve.models.shared_segment import SegmentView, is_file_segment
 from sgserve.worker.call_plan import CallPlan, InputSpec
 
 log = logging.getLogger(__name__)
@@ -110,6 +112,22 @@ class SignatureRunner:
         """run() without validate(): for a batch merged from requests that each passed validate(), so
         that one bad request is refused alone instead of failing the whole batch."""
         return self.plan.call(self.plan.bind_arrays(arrays), output_filter)
+
+
+# Page-cache hints on the file tier (--segment-dir), where a table's pages come from disk on first
+# use: tables this large are embedding tables read a row at a time, so read-ahead only evicts hot
+# rows (MADV_RANDOM); smaller ones (dense layers) are read whole by every request (MADV_WILLNEED).
+# SGSERVE_SEGMENT_MADVISE=0 turns the hints off (bench/bench_tiers.py measures both).
+RANDOM_ACCESS_BYTES = 16 * 2**20
+_MADVISE = os.environ.get("SGSERVE_SEGMENT_MADVISE", "1") != "0"
+
+
+def _advise(view: SegmentView, t: dict[str, Any]) -> None:
+    """madvise() hints for one table of a file-tier segment; nothing on /dev/shm (RAM already)."""
+    if not _MADVISE or not is_file_segment(view.name) or not t["nbytes"]:
+        return
+    big = t["nbytes"] >= RANDOM_ACCESS_BYTES
+    view.advise(t["offset"], t["nbytes"], mmap.MADV_RANDOM if big else mmap.MADV_WILLNEED)
 
 
 _views: "weakref.WeakValueDictionary[str, SegmentView]" = weakref.WeakValueDictionary()
@@ -208,6 +226,7 @@ class ModelRuntime:
         if t["nbytes"] == 0:
             return np.zeros(t["shape"], dtype=t["dtype"])
         arr = view.array(t["offset"], t["dtype"], t["shape"])
+        _advise(view, t)
         if arr.ctypes.data % TABLE_ALIGN:  # never for segments the loader wrote; TF would copy it
             log.warning("%s: table %s is not %d-byte aligned in %s; this worker holds a private copy",
                         self.name, t["node"], TABLE_ALIGN, view.name)
