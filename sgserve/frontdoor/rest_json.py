@@ -128,12 +128,12 @@ def _from_columns(value: Any, dtypes: dict[str, str], plain: bool) -> dict[str, 
             raise InvalidArgument("inputs is a plain value/list, but expecting an object as multiple "
                                   "input tensors required as per tensorinfo_map")
         name, dtype = next(iter(dtypes.items()))
-        return {name: _to_array(value, dtype, plain)}
+        return {name: _to_array(value, name, dtype, plain)}
     out = {}
     for name, dtype in dtypes.items():
         if name not in value:
             raise InvalidArgument(f"Missing named input: {name} in 'inputs' object.")
-        out[name] = _to_array(value[name], dtype, plain)
+        out[name] = _to_array(value[name], name, dtype, plain)
     return out
 
 
@@ -146,7 +146,7 @@ def _from_rows(rows: list[Any], dtypes: dict[str, str], plain: bool) -> dict[str
     if _is_object(rows[0]):
         if all(_is_object(r) and r.keys() == dtypes.keys() for r in rows):
             try:
-                return {n: _column([r[n] for r in rows], d, plain) for n, d in dtypes.items()}
+                return {n: _column([r[n] for r in rows], n, d, plain) for n, d in dtypes.items()}
             except InvalidArgument:
                 pass  # the walk below finds the error TF Serving reports first, and words it
         return _named_rows_exact(rows, dtypes)
@@ -155,7 +155,7 @@ def _from_rows(rows: list[Any], dtypes: dict[str, str], plain: bool) -> dict[str
         arr = _fast_array(rows, dtype, plain)
         if arr is not None:
             return {name: arr}
-    stack = _RowStack(dtype)
+    stack = _RowStack(name, dtype)
     for i, row in enumerate(rows):
         if _is_object(row):
             raise InvalidArgument(f"Expecting value/list but got object at item {i} of input list")
@@ -163,11 +163,11 @@ def _from_rows(rows: list[Any], dtypes: dict[str, str], plain: bool) -> dict[str
     return {name: stack.array()}
 
 
-def _column(items: list[Any], dtype: str, plain: bool) -> np.ndarray:
+def _column(items: list[Any], name: str, dtype: str, plain: bool) -> np.ndarray:
     """One input's rows as one array: in one np.array call, or row by row where it cannot vouch."""
     arr = _fast_array(items, dtype, plain)
     if arr is None:
-        stack = _RowStack(dtype)
+        stack = _RowStack(name, dtype)
         for item in items:
             stack.add(item, "")
         arr = stack.array()
@@ -176,7 +176,7 @@ def _column(items: list[Any], dtype: str, plain: bool) -> np.ndarray:
 
 def _named_rows_exact(rows: list[Any], dtypes: dict[str, str]) -> dict[str, np.ndarray]:
     """Row objects walked as TF Serving walks them (row by row, key by key), for its messages."""
-    stacks = {name: _RowStack(dtype) for name, dtype in dtypes.items()}
+    stacks = {name: _RowStack(name, dtype) for name, dtype in dtypes.items()}
     for i, row in enumerate(rows):
         if not _is_object(row):
             raise InvalidArgument(f"Expecting object but got list at item {i} of input list")
@@ -194,7 +194,8 @@ def _named_rows_exact(rows: list[Any], dtypes: dict[str, str]) -> dict[str, np.n
 class _RowStack:
     """One input's rows, checked one by one (shape and size equal to the first row's)."""
 
-    def __init__(self, dtype: str) -> None:
+    def __init__(self, name: str, dtype: str) -> None:
+        self.name = name
         self.dtype = dtype
         self.values: list[Any] = []
         self.shape: tuple[int, ...] | None = None
@@ -203,7 +204,7 @@ class _RowStack:
 
     def add(self, value: Any, prefix: str) -> None:
         try:
-            values, shape = _exact(value, self.dtype)
+            values, shape = _exact(value, self.dtype, self.name, batch=True)
             if self.shape is None:
                 self.shape, self.size = shape, len(values)
             elif len(values) != self.size:
@@ -219,11 +220,11 @@ class _RowStack:
         return _array(self.values, self.dtype, (self.rows,) + (self.shape or ()))
 
 
-def _to_array(value: Any, dtype: str, plain: bool) -> np.ndarray:
+def _to_array(value: Any, name: str, dtype: str, plain: bool) -> np.ndarray:
     arr = _fast_array(value, dtype, plain)
     if arr is not None:
         return arr
-    values, shape = _exact(value, dtype)
+    values, shape = _exact(value, dtype, name)
     return _array(values, dtype, shape)
 
 
@@ -255,9 +256,13 @@ def _fast_array(value: Any, dtype: str, plain: bool) -> np.ndarray | None:
     return None
 
 
-def _exact(value: Any, dtype: str) -> tuple[list[Any], tuple[int, ...]]:
+def _exact(value: Any, dtype: str, name: str, batch: bool = False) -> tuple[list[Any], tuple[int, ...]]:
     """(flat values, shape) of a JSON value, checked as TF Serving's FillTensorProto checks it:
-    the shape is read down the first elements, then every list and leaf must agree with it."""
+    the shape is read down the first elements, then every list and leaf must agree with it.
+    ``batch``: the value is one row of ``instances``, whose list adds the first dimension.
+
+    The depth is checked before the walk: numpy holds at most 64 dimensions (TensorFlow 254), and
+    the walk recurses once per level."""
     shape = []
     probe = value
     while isinstance(probe, list):
@@ -265,6 +270,10 @@ def _exact(value: Any, dtype: str) -> tuple[list[Any], tuple[int, ...]]:
         if not probe:
             break
         probe = probe[0]
+    rank = len(shape) + batch
+    if rank > protocol.MAX_DIMS:
+        raise InvalidArgument(f"input '{name}' has {rank} dimensions{' with the batch dimension' if batch else ''}"
+                              f", at most {protocol.MAX_DIMS}")
     out: list[Any] = []
     _fill(value, 0, shape, dtype, out)
     return out, tuple(shape)

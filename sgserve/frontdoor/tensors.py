@@ -35,7 +35,7 @@ DataType = _PB.types_pb2.DataType
 # The most elements one tensor may claim (a 1-value field can splat to its whole shape, so the
 # shape alone decides the allocation): 64 Mi elements, 256 MiB of float32.
 DEFAULT_MAX_ELEMENTS = 1 << 26
-MAX_DIMS = 254  # TensorFlow's TensorShape::MaxDimensions()
+MAX_DIMS = 254  # TensorFlow's TensorShape::MaxDimensions(); numpy's 64 (protocol.MAX_DIMS) is checked next
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ def to_numpy(tensor: Any, name: str = "", max_elements: int = DEFAULT_MAX_ELEMEN
     spec = BY_ENUM.get(tensor.dtype)
     if spec is None:
         raise InvalidArgument(f"{what}: dtype {_enum_label(tensor.dtype)} is not supported (supported: {_SUPPORTED})")
-    shape, count = _shape(tensor.tensor_shape, what, max_elements)
+    shape, count = _shape(tensor.tensor_shape, what, max_elements, spec.np_dtype.itemsize)
     content = tensor.tensor_content
     if content:
         if spec.name == protocol.STRING:
@@ -124,9 +124,10 @@ def to_numpy(tensor: Any, name: str = "", max_elements: int = DEFAULT_MAX_ELEMEN
     return _from_field(tensor, spec, shape, count, what)
 
 
-def _shape(shape_pb: Any, what: str, max_elements: int) -> tuple[tuple[int, ...], int]:
+def _shape(shape_pb: Any, what: str, max_elements: int, itemsize: int) -> tuple[tuple[int, ...], int]:
     """(dims, element count) of a TensorShapeProto, checked as TensorFlow's TensorShape::IsValid
-    does, and against max_elements."""
+    does, against max_elements, and against what numpy can hold (64 dimensions; an empty tensor's
+    dimensions too, which no element count bounds)."""
     if shape_pb.unknown_rank:
         raise InvalidArgument(f"{what}: tensor_shape has unknown_rank set; a tensor needs a known shape")
     dims = tuple([d.size for d in shape_pb.dim])
@@ -139,6 +140,9 @@ def _shape(shape_pb: Any, what: str, max_elements: int) -> tuple[tuple[int, ...]
     if count > max_elements:
         raise InvalidArgument(f"{what}: tensor_shape {list(dims)} holds {count} elements, "
                               f"more than the {max_elements} allowed")
+    fault = protocol.shape_fault(dims, itemsize) if not count or len(dims) > protocol.MAX_DIMS else None
+    if fault is not None:
+        raise InvalidArgument(f"{what}: {fault}")
     return dims, count
 
 

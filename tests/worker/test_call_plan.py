@@ -300,14 +300,19 @@ def test_string_refusals_match_the_old_sequence(runtime_of, case):
     assert (e.value.code, e.value.message) == (400, want)
 
 
-def test_odd_but_valid_string_elements_decode_as_before(runtime_of, dtypes_dir):
-    """A msgpack str or int element is not bin: the old decoder turns it into bytes; so does run_wire."""
+def test_str_elements_decode_and_other_elements_are_refused(runtime_of, dtypes_dir):
+    """A msgpack str element is text: both paths use its UTF-8 bytes. An int element is neither bin
+    nor str: both paths refuse it (it used to become b"42")."""
     runner = runtime_of("dtypes").signatures["strings"]
-    payload = [msgpack.packb(["t\u00e9xt", 42, b"raw"], use_bin_type=True)]
     metas = [{"name": "s", "dtype": "string", "shape": [3]}]
+    payload = [msgpack.packb(["t\u00e9xt", b"42", b"raw"], use_bin_type=True)]
     want = runner.run(protocol.decode_tensors(metas, payload))
     assert_same(runner.run_wire(metas, payload, None), want)
     assert want["joined"].tolist() == ["t\u00e9xt|t\u00e9xt".encode(), b"42|42", b"raw|raw"]
+    bad = [msgpack.packb(["t\u00e9xt", 42, b"raw"], use_bin_type=True)]
+    with pytest.raises(InvalidArgument) as e:
+        runner.run_wire(metas, bad, None)
+    assert (e.value.code, e.value.message) == (400, "string element 1 of input 's' is an int, expected bin or str")
 
 
 def test_no_input_signature_refuses_a_stray_frame(runtime_of):
