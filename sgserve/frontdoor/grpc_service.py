@@ -76,22 +76,18 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             await _abort(context, exc)
 
     async def Classify(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
-        try:
-            reply, result = await self.gw.classify_or_regress(
-                model_header(request.model_spec), examples.serialize_input(request.input), CLASSIFY_METHOD,
-                _timeout(context), ENTRYPOINT)
-            response = classification_pb2.ClassificationResponse(result=result)
-            _fill_spec(response.model_spec, reply, request.model_spec)
-            return response
-        except Exception as exc:  # noqa: BLE001
-            await _abort(context, exc)
+        return await self._examples(request, context, CLASSIFY_METHOD, classification_pb2.ClassificationResponse)
 
     async def Regress(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
+        return await self._examples(request, context, REGRESS_METHOD, regression_pb2.RegressionResponse)
+
+    async def _examples(self, request: Any, context: grpc.aio.ServicerContext, method: str, response_class: Any) -> Any:
+        """Classify or Regress: the signature run on the request's tf.Examples."""
         try:
             reply, result = await self.gw.classify_or_regress(
-                model_header(request.model_spec), examples.serialize_input(request.input), REGRESS_METHOD,
+                model_header(request.model_spec), examples.serialize_input(request.input), method,
                 _timeout(context), ENTRYPOINT)
-            response = regression_pb2.RegressionResponse(result=result)
+            response = response_class(result=result)
             _fill_spec(response.model_spec, reply, request.model_spec)
             return response
         except Exception as exc:  # noqa: BLE001

@@ -10,7 +10,7 @@ import pytest
 import requests
 
 from tests.conftest import wait_until
-from tests.frontdoor.test_grpc import _inflight, _queued, slow_request
+from tests.frontdoor.test_grpc import BUSY_N, _inflight, _queued, slow_request
 
 tf = pytest.importorskip("tensorflow")
 from tensorflow_serving.apis import prediction_service_pb2_grpc  # noqa: E402
@@ -26,7 +26,7 @@ def flooded(server, polite: Callable[[], float]) -> list[grpc.StatusCode]:
     polite request from another connection: its answer must be 2.0; returns the flooder's refusals."""
     with own_connection(server.grpc_port) as channel, concurrent.futures.ThreadPoolExecutor(8) as pool:
         flood = prediction_service_pb2_grpc.PredictionServiceStub(channel)
-        busy = [pool.submit(flood.Predict, slow_request(20_000), 60) for _ in range(4)]
+        busy = [pool.submit(flood.Predict, slow_request(BUSY_N), 60) for _ in range(4)]
         wait_until(lambda: _inflight(server) == 4, 30, "both workers to hold two slow requests")
         queued = [pool.submit(flood.Predict, slow_request(1), 60) for _ in range(2)]
         wait_until(lambda: _queued(server) == 2, 30, "the flooder's two requests queued")

@@ -268,6 +268,11 @@ def test_unsupported_tensor_dtype_is_invalid_argument(stub):
     assert "DT_COMPLEX64" in err.value.details()
 
 
+# Rows of work that keep a worker busy for about 2 s (37 us each on one core): long enough that all
+# four busy requests are held at once even when the machine is loaded and their sends straggle.
+BUSY_N = 60_000
+
+
 def slow_request(n: int) -> predict_pb2.PredictRequest:
     return predict_request("slow", {"x": np.array([1.0], np.float32), "n": np.array([n], np.int32)})
 
@@ -278,7 +283,7 @@ def test_deadline_exceeded_and_the_request_is_not_run_then_overload_is_resource_
     with tfs_server.client() as native:
         served_before = sum(w["served"] for w in native.status()["workers"])
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        busy = [pool.submit(stub.Predict, slow_request(20_000), 60) for _ in range(4)]  # 2 per worker
+        busy = [pool.submit(stub.Predict, slow_request(BUSY_N), 60) for _ in range(4)]  # 2 per worker
         wait_until(lambda: _inflight(tfs_server) == 4, 30, "both workers to hold two slow requests")
         started = time.monotonic()
         with pytest.raises(grpc.RpcError) as err:
