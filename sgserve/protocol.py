@@ -422,6 +422,21 @@ def parse_reply(frame: bytes) -> tuple[int, int, int]:
     return rid, code, batch
 
 
+# How a gateway (sgserve/frontdoor) is told apart from a native client on the broker's frontend: the
+# broker makes a random token at start and hands it to its gateways in their environment; a DEALER
+# whose routing id is GATEWAY_ID_TAG + token + pid may name each request's gRPC/REST connection in the
+# header's CONNECTION_KEY, which the broker's fair queue then counts as its own client.
+GATEWAY_TOKEN_ENV = "SGSERVE_GATEWAY_TOKEN"
+GATEWAY_ID_TAG = b"gw"  # first bytes of a gateway's routing id: not zero, which ZeroMQ reserves
+CONNECTION_KEY = "connection"
+
+
+def gateway_routing_id(token_hex: str, pid: int) -> bytes:
+    """A gateway process's routing id: the trusted prefix, then its pid (unique among gateways,
+    and a restarted gateway never collides with the identity its predecessor left behind)."""
+    return GATEWAY_ID_TAG + bytes.fromhex(token_hex) + pid.to_bytes(4, "big")
+
+
 def default_endpoint() -> str:
     return os.environ.get("SGSERVE_ENDPOINT", "tcp://127.0.0.1:8510")
 
@@ -432,5 +447,6 @@ __all__ = [
     "unpack_header", "decode_header", "decode_tensors", "check_tensors", "encode_tensor", "error_reply",
     "exception_reply", "ok_header",
     "Envelope", "split_envelope", "INVALID_ARGUMENT", "send_frames", "recv_frames", "ROUTE", "route_frame",
-    "parse_route", "reply_frame", "parse_reply", "REPLY", "MAX_DIMS", "shape_fault",
+    "parse_route", "reply_frame", "parse_reply", "REPLY", "GATEWAY_TOKEN_ENV", "GATEWAY_ID_TAG",
+    "CONNECTION_KEY", "gateway_routing_id", "MAX_DIMS", "shape_fault",
 ]

@@ -19,7 +19,7 @@ A client is its ZeroMQ identity. The gRPC/REST gateway multiplexes many connecti
 DEALER, so a request from a gateway names its connection in the header key ``connection``, and
 each connection counts as a client. The broker honours that key only from identities that start
 with the gateway prefix: a random token the broker makes at start and hands to its gateways in
-their environment (``GATEWAY_TOKEN_ENV``), which a native client cannot guess, so it cannot claim
+their environment (``protocol.GATEWAY_TOKEN_ENV``), which a native client cannot guess, so it cannot claim
 many clients' shares over one socket.
 """
 from __future__ import annotations
@@ -30,12 +30,8 @@ import secrets
 from typing import Callable, Iterator
 
 from sgserve.broker.policies import DispatchRequest
+from sgserve.protocol import CONNECTION_KEY, GATEWAY_ID_TAG, GATEWAY_TOKEN_ENV
 
-# The environment variable that carries the gateway token (hex) to the gateway processes; the
-# gateway's link (sgserve/frontdoor/link.py) reads the same name.
-GATEWAY_TOKEN_ENV = "SGSERVE_GATEWAY_TOKEN"
-GATEWAY_ID_TAG = b"gw"  # first bytes of a gateway's routing id: not zero, which ZeroMQ reserves
-CONNECTION_KEY = "connection"  # the header key a gateway names a request's connection with
 MAX_CONNECTION_BYTES = 256
 
 ClientKey = bytes
@@ -49,12 +45,6 @@ def gateway_identity_prefix() -> bytes:
     if not token:
         token = os.environ[GATEWAY_TOKEN_ENV] = secrets.token_hex(16)
     return GATEWAY_ID_TAG + bytes.fromhex(token)
-
-
-def gateway_routing_id(token_hex: str, pid: int) -> bytes:
-    """A gateway process's routing id: the trusted prefix, then its pid (unique among gateways,
-    and a restarted gateway never collides with the identity its predecessor left behind)."""
-    return GATEWAY_ID_TAG + bytes.fromhex(token_hex) + pid.to_bytes(4, "big")
 
 
 class Refused(Exception):
@@ -204,5 +194,4 @@ class FairQueue:
         self._size = 0
 
 
-__all__ = ["FairQueue", "Refused", "GATEWAY_TOKEN_ENV", "CONNECTION_KEY", "gateway_identity_prefix",
-           "gateway_routing_id"]
+__all__ = ["FairQueue", "Refused", "gateway_identity_prefix"]

@@ -20,17 +20,16 @@ import zmq
 
 from sgserve.auth import apply_client_curve, client_curve
 from sgserve.errors import DeadlineExceeded, Internal, ResourceExhausted, ServeError, error_from_code
-from sgserve.protocol import OK, decode_tensors, pack, recv_frames, send_frames, unpack_header
+from sgserve.protocol import (CONNECTION_KEY, GATEWAY_TOKEN_ENV, OK, decode_tensors, gateway_routing_id, pack,
+                              recv_frames, send_frames, unpack_header)
 
 log = logging.getLogger(__name__)
 
 REPLY_GRACE = 0.5  # seconds past a request's own timeout to wait for the broker's 504
 _NOBLOCK = int(zmq.NOBLOCK)
 SNDHWM = 100_000  # requests queued towards the broker before sends block (ZeroMQ's high-water mark)
-# Fair admission (sgserve/broker/fair_queue.py, which names the same variable and routing-id layout): the
-# broker hands its gateways a token; a DEALER whose routing id starts with b"gw" + token may name the
-# gRPC/REST connection each request comes from, and each connection then gets its own share of the queue.
-GATEWAY_TOKEN_ENV = "SGSERVE_GATEWAY_TOKEN"
+# Fair admission: with the broker's token (protocol.GATEWAY_TOKEN_ENV) in its routing id, the gateway
+# names the gRPC/REST connection each request comes from, and each connection gets its own share.
 # The connection the current request came from (set by the transport in the handler's task: the
 # gRPC peer, or the REST client's address and port); None: the gateway counts as one client.
 CONNECTION: contextvars.ContextVar[str | None] = contextvars.ContextVar("sgserve_connection", default=None)
@@ -57,7 +56,7 @@ class BrokerLink:
         self._sock.setsockopt(zmq.LINGER, 0)
         token = os.environ.get(GATEWAY_TOKEN_ENV)
         if token:  # the pid keeps the ids of several gateways, and of a restarted one, distinct
-            self._sock.setsockopt(zmq.ROUTING_ID, b"gw" + bytes.fromhex(token) + os.getpid().to_bytes(4, "big"))
+            self._sock.setsockopt(zmq.ROUTING_ID, gateway_routing_id(token, os.getpid()))
         self._sock.setsockopt(zmq.SNDHWM, SNDHWM)
         self._sock.setsockopt(zmq.RCVHWM, SNDHWM)
         self._sock.connect(endpoint)
@@ -81,7 +80,7 @@ class BrokerLink:
             header["timeout_ms"] = timeout * 1000.0
         connection = CONNECTION.get()
         if connection is not None:
-            header["connection"] = connection
+            header[CONNECTION_KEY] = connection
         future = self._loop.create_future()
         self._waiting[request_id] = future
         try:
@@ -137,4 +136,4 @@ class BrokerLink:
         self._ctx.term()
 
 
-__all__ = ["BrokerLink", "REPLY_GRACE", "CONNECTION", "GATEWAY_TOKEN_ENV"]
+__all__ = ["BrokerLink", "REPLY_GRACE", "CONNECTION"]

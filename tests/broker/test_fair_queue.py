@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from sgserve.broker.fair_queue import FairQueue, Refused, gateway_routing_id
+from sgserve.broker.fair_queue import FairQueue, Refused
+from sgserve.protocol import gateway_routing_id
 from sgserve.broker.policies import DispatchRequest
 from sgserve.protocol import Envelope
 from tests.broker.test_broker_core import Harness, X, predict
