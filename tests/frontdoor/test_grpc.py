@@ -172,75 +172,6 @@ def test_classify_regress_and_multi_inference(stub):
     assert "tensorflow/serving/regress" in err.value.details()
 
 
-def status_of(model_stub, name: str, **spec) -> list[tuple[int, int]]:
-    req = get_model_status_pb2.GetModelStatusRequest()
-    req.model_spec.name = name
-    if "version" in spec:
-        req.model_spec.version.value = spec["version"]
-    response = model_stub.GetModelStatus(req, 30)
-    return [(v.version, v.state) for v in response.model_version_status]
-
-
-AVAILABLE = get_model_status_pb2.ModelVersionStatus.AVAILABLE
-
-
-def test_model_status_and_a_live_config_reload(model_stub, stub, tfs_server, frontdoor_models, tmp_path):
-    assert status_of(model_stub, "hpt") == [(1, AVAILABLE)]
-    assert status_of(model_stub, "hpt", version=1) == [(1, AVAILABLE)]
-    with pytest.raises(grpc.RpcError) as err:
-        status_of(model_stub, "nope")
-    assert err.value.code() == grpc.StatusCode.NOT_FOUND
-
-    # Serve the same models plus "hpt2" (half_plus_two under another name): the reload returns once
-    # hpt2 is AVAILABLE, and it serves at once.
-    config = model_server_config_pb2.ModelServerConfig()
-    for name, path in {**frontdoor_models, "hpt2": frontdoor_models["hpt"]}.items():
-        config.model_config_list.config.add(name=name, base_path=path, model_platform="tensorflow")
-    reload = model_management_pb2.ReloadConfigRequest(config=config)
-    response = model_stub.HandleReloadConfigRequest(reload, 120)
-    assert response.status.error_code == 0
-    assert status_of(model_stub, "hpt2") == [(1, AVAILABLE)]
-    y = stub.Predict(predict_request("hpt2", {"x": np.array([2.0], np.float32)}), 30).outputs["y"]
-    assert tf.make_ndarray(y).tolist() == [3.0]
-
-    # A config whose label points at a version that does not exist is refused; nothing changes.
-    bad = model_server_config_pb2.ModelServerConfig()
-    bad.CopyFrom(config)
-    bad.model_config_list.config[0].version_labels["stable"] = 7
-    with pytest.raises(grpc.RpcError) as err:
-        model_stub.HandleReloadConfigRequest(model_management_pb2.ReloadConfigRequest(config=bad), 30)
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "version label 'stable'" in err.value.details()
-
-    # A model that cannot load: the reload answers its error, and predicting on it is UNAVAILABLE.
-    broken = tmp_path / "broken"
-    (broken / "1").mkdir(parents=True)
-    (broken / "1" / "saved_model.pb").write_bytes(b"not a SavedModel")
-    config.model_config_list.config.add(name="broken", base_path=str(broken), model_platform="tensorflow")
-    with pytest.raises(grpc.RpcError) as err:
-        model_stub.HandleReloadConfigRequest(model_management_pb2.ReloadConfigRequest(config=config), 120)
-    assert err.value.code() == grpc.StatusCode.INTERNAL
-    assert "broken" in err.value.details()
-    with pytest.raises(grpc.RpcError) as err:
-        stub.Predict(predict_request("broken", {"x": np.array([1.0], np.float32)}), 30)
-    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert "no available version" in err.value.details()
-
-    # Back to the launch configuration (the other tests' models, nothing more).
-    original = model_server_config_pb2.ModelServerConfig()
-    for name, path in frontdoor_models.items():
-        original.model_config_list.config.add(name=name, base_path=path, model_platform="tensorflow")
-    model_stub.HandleReloadConfigRequest(model_management_pb2.ReloadConfigRequest(config=original), 60)
-    wait_until(lambda: _gone(model_stub, "hpt2"), 30, "hpt2 to be unloaded")
-
-
-def _gone(model_stub, name: str) -> bool:
-    try:
-        return all(state == get_model_status_pb2.ModelVersionStatus.END for _, state in status_of(model_stub, name))
-    except grpc.RpcError as exc:
-        return exc.code() == grpc.StatusCode.NOT_FOUND
-
-
 @pytest.mark.parametrize("build, code, words", [
     (lambda: predict_request("nope", CASES["hpt"]), grpc.StatusCode.NOT_FOUND, "model 'nope' is not served"),
     (lambda: predict_request("hpt", CASES["hpt"], signature="nope"), grpc.StatusCode.NOT_FOUND, "no signature 'nope'"),
@@ -312,3 +243,74 @@ def _inflight(server) -> int:
 def _queued(server) -> int:
     with server.client(5) as c:
         return c.status()["queued"]
+
+
+# Last in the module: the reload leaves the workers loading and unloading versions for a while,
+# which the deadline test above must not run into.
+def status_of(model_stub, name: str, **spec) -> list[tuple[int, int]]:
+    req = get_model_status_pb2.GetModelStatusRequest()
+    req.model_spec.name = name
+    if "version" in spec:
+        req.model_spec.version.value = spec["version"]
+    response = model_stub.GetModelStatus(req, 30)
+    return [(v.version, v.state) for v in response.model_version_status]
+
+
+AVAILABLE = get_model_status_pb2.ModelVersionStatus.AVAILABLE
+
+
+def test_model_status_and_a_live_config_reload(model_stub, stub, tfs_server, frontdoor_models, tmp_path):
+    assert status_of(model_stub, "hpt") == [(1, AVAILABLE)]
+    assert status_of(model_stub, "hpt", version=1) == [(1, AVAILABLE)]
+    with pytest.raises(grpc.RpcError) as err:
+        status_of(model_stub, "nope")
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+    # Serve the same models plus "hpt2" (half_plus_two under another name): the reload returns once
+    # hpt2 is AVAILABLE, and it serves at once.
+    config = model_server_config_pb2.ModelServerConfig()
+    for name, path in {**frontdoor_models, "hpt2": frontdoor_models["hpt"]}.items():
+        config.model_config_list.config.add(name=name, base_path=path, model_platform="tensorflow")
+    reload = model_management_pb2.ReloadConfigRequest(config=config)
+    response = model_stub.HandleReloadConfigRequest(reload, 120)
+    assert response.status.error_code == 0
+    assert status_of(model_stub, "hpt2") == [(1, AVAILABLE)]
+    y = stub.Predict(predict_request("hpt2", {"x": np.array([2.0], np.float32)}), 30).outputs["y"]
+    assert tf.make_ndarray(y).tolist() == [3.0]
+
+    # A config whose label points at a version that does not exist is refused; nothing changes.
+    bad = model_server_config_pb2.ModelServerConfig()
+    bad.CopyFrom(config)
+    bad.model_config_list.config[0].version_labels["stable"] = 7
+    with pytest.raises(grpc.RpcError) as err:
+        model_stub.HandleReloadConfigRequest(model_management_pb2.ReloadConfigRequest(config=bad), 30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "version label 'stable'" in err.value.details()
+
+    # A model that cannot load: the reload answers its error, and predicting on it is UNAVAILABLE.
+    broken = tmp_path / "broken"
+    (broken / "1").mkdir(parents=True)
+    (broken / "1" / "saved_model.pb").write_bytes(b"not a SavedModel")
+    config.model_config_list.config.add(name="broken", base_path=str(broken), model_platform="tensorflow")
+    with pytest.raises(grpc.RpcError) as err:
+        model_stub.HandleReloadConfigRequest(model_management_pb2.ReloadConfigRequest(config=config), 120)
+    assert err.value.code() == grpc.StatusCode.INTERNAL
+    assert "broken" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Predict(predict_request("broken", {"x": np.array([1.0], np.float32)}), 30)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "no available version" in err.value.details()
+
+    # Back to the launch configuration (the other tests' models, nothing more).
+    original = model_server_config_pb2.ModelServerConfig()
+    for name, path in frontdoor_models.items():
+        original.model_config_list.config.add(name=name, base_path=path, model_platform="tensorflow")
+    model_stub.HandleReloadConfigRequest(model_management_pb2.ReloadConfigRequest(config=original), 60)
+    wait_until(lambda: _gone(model_stub, "hpt2"), 30, "hpt2 to be unloaded")
+
+
+def _gone(model_stub, name: str) -> bool:
+    try:
+        return all(state == get_model_status_pb2.ModelVersionStatus.END for _, state in status_of(model_stub, name))
+    except grpc.RpcError as exc:
+        return exc.code() == grpc.StatusCode.NOT_FOUND
